@@ -1,0 +1,327 @@
+//! The registry v2 / OCI distribution pull API. A request is parsed by
+//! [`route`], answered from [`crate::cache`] or passed to the upstream, and
+//! every failure becomes a response in [`error`]. One log line per request.
+//! Owns HTTP semantics (headers, Range, HEAD, pagination); never touches
+//! files or sockets itself.
+
+pub mod error;
+mod range;
+pub mod route;
+
+use crate::cache::{BlobSource, Cache, Freshness};
+use crate::config::Config;
+use crate::digest::Digest;
+use crate::upstream::Upstream;
+use bytes::Bytes;
+use error::{ApiError, Subject};
+use futures_util::TryStreamExt;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use range::{parse_range, RangeAnswer};
+use route::{Endpoint, Reference, Route};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
+}
+
+const API_VERSION: (&str, &str) = ("Docker-Distribution-API-Version", "registry/2.0");
+
+pub struct Api {
+    config: Config,
+    upstreams: Vec<Arc<Upstream>>,
+    cache: Arc<Cache>,
+}
+
+/// How a request was answered, for the log line.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Hit,
+    Miss,
+    Fill,
+    Revalidated,
+    Stale,
+    Pass,
+    Error,
+}
+
+impl Api {
+    pub fn new(config: Config, upstreams: Vec<Arc<Upstream>>, cache: Arc<Cache>) -> Api {
+        Api {
+            config,
+            upstreams,
+            cache,
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Answers one request. Never fails: errors become OCI error responses.
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Body> {
+        let started = Instant::now();
+        let (parts, _body) = req.into_parts();
+        let answer = match route::parse(&parts.method, parts.uri.path(), parts.uri.query()) {
+            Ok(route) => self.answer(route, &parts.headers).await,
+            Err(e) => Err(ApiError::Route(e)),
+        };
+        let (mut resp, outcome) = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                if e.is_internal() {
+                    tracing::error!(method = %parts.method, uri = %parts.uri, error = %e, "internal error");
+                }
+                let message = e.to_string();
+                let resp = e.into_response();
+                tracing::info!(
+                    method = %parts.method, uri = %parts.uri, status = resp.status().as_u16(),
+                    ms = started.elapsed().as_millis() as u64, outcome = ?Outcome::Error, error = %message,
+                    "request"
+                );
+                return with_api_version(resp);
+            }
+        };
+        if parts.method == Method::HEAD {
+            *resp.body_mut() = empty();
+        }
+        tracing::info!(
+            method = %parts.method, uri = %parts.uri, status = resp.status().as_u16(),
+            bytes = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            ms = started.elapsed().as_millis() as u64, outcome = ?outcome, "request"
+        );
+        with_api_version(resp)
+    }
+
+    async fn answer(&self, route: Route, headers: &HeaderMap) -> Result<(Response<Body>, Outcome), ApiError> {
+        let ns = route.ns.as_deref();
+        match route.endpoint {
+            Endpoint::Base => Ok((
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(full("{}"))
+                    .expect("static response"),
+                Outcome::Hit,
+            )),
+            Endpoint::Manifest { name, reference } => {
+                let (upstream, repo) = self.upstream_for(ns, &name)?;
+                self.manifest(upstream, &repo, &reference, headers).await
+            }
+            Endpoint::Blob { name, digest } => {
+                let (upstream, repo) = self.upstream_for(ns, &name)?;
+                self.blob(upstream, &repo, &digest, route.head, headers).await
+            }
+            Endpoint::TagsList { name, n, last } => {
+                let (upstream, repo) = self.upstream_for(ns, &name)?;
+                let tags = upstream
+                    .list_tags(&repo)
+                    .await
+                    .map_err(|e| ApiError::upstream(Subject::Repository, upstream.name(), e))?;
+                Ok((tag_page(&name, ns, tags, n, last.as_deref()), Outcome::Pass))
+            }
+            Endpoint::Referrers { name, digest, artifact_type } => {
+                let (upstream, repo) = self.upstream_for(ns, &name)?;
+                let (bytes, media_type) = upstream
+                    .get_referrers(&repo, &digest, artifact_type.as_deref())
+                    .await
+                    .map_err(|e| ApiError::upstream(Subject::Manifest, upstream.name(), e))?;
+                let resp = Response::builder()
+                    .header(header::CONTENT_TYPE, media_type)
+                    .header(header::CONTENT_LENGTH, bytes.len())
+                    .body(full(bytes))
+                    .map_err(|_| ApiError::upstream(Subject::Manifest, upstream.name(),
+                        crate::upstream::UpstreamError::Protocol("unusable Content-Type".into())))?;
+                Ok((resp, Outcome::Pass))
+            }
+        }
+    }
+
+    fn upstream_for(&self, ns: Option<&str>, name: &str) -> Result<(&Arc<Upstream>, String), ApiError> {
+        let (config, repo) = route::select_upstream(&self.config.upstreams, ns, name)?;
+        let upstream = self
+            .upstreams
+            .iter()
+            .find(|u| u.name() == config.name)
+            .expect("one client per configured upstream");
+        Ok((upstream, repo))
+    }
+
+    async fn manifest(
+        &self,
+        upstream: &Upstream,
+        repo: &str,
+        reference: &Reference,
+        headers: &HeaderMap,
+    ) -> Result<(Response<Body>, Outcome), ApiError> {
+        let accept = joined_header(headers, header::ACCEPT);
+        let (manifest, freshness) = self
+            .cache
+            .manifest(upstream, repo, reference, accept.as_deref())
+            .await
+            .map_err(ApiError::cache(Subject::Manifest))?;
+        let mut resp = Response::builder()
+            .header(header::CONTENT_LENGTH, manifest.bytes.len())
+            .header("Docker-Content-Digest", manifest.digest.to_string());
+        // A media type that is not a valid header value is served as JSON
+        // rather than failing the pull.
+        resp = match HeaderValue::from_str(&manifest.media_type) {
+            Ok(v) => resp.header(header::CONTENT_TYPE, v),
+            Err(_) => resp.header(header::CONTENT_TYPE, "application/json"),
+        };
+        let outcome = match &freshness {
+            Freshness::Hit => Outcome::Hit,
+            Freshness::Revalidated => Outcome::Revalidated,
+            Freshness::Fetched => Outcome::Miss,
+            Freshness::Stale { reason } => {
+                tracing::warn!(upstream = upstream.name(), repo, reference = %reference, "{reason}");
+                let warning = format!("110 wharf \"Response is stale: {}\"", reason.replace('"', "'"));
+                if let Ok(v) = HeaderValue::from_str(&warning) {
+                    resp = resp.header(header::WARNING, v);
+                }
+                Outcome::Stale
+            }
+        };
+        let resp = resp
+            .body(full(manifest.bytes.clone()))
+            .expect("validated headers");
+        Ok((resp, outcome))
+    }
+
+    async fn blob(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &str,
+        digest: &Digest,
+        head: bool,
+        headers: &HeaderMap,
+    ) -> Result<(Response<Body>, Outcome), ApiError> {
+        let base = Response::builder()
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(header::ACCEPT_RANGES, "bytes")
+            // The digest in the URL is the truth: upstreams may omit it.
+            .header("Docker-Content-Digest", digest.to_string());
+        if head {
+            let len = self
+                .cache
+                .blob_len(upstream, repo, digest)
+                .await
+                .map_err(ApiError::cache(Subject::Blob))?;
+            let base = match len {
+                Some(len) => base.header(header::CONTENT_LENGTH, len),
+                None => base,
+            };
+            return Ok((base.body(empty()).expect("valid headers"), Outcome::Pass));
+        }
+        let mut blob = self
+            .cache
+            .blob(upstream, repo, digest)
+            .await
+            .map_err(ApiError::cache(Subject::Blob))?;
+        let outcome = match blob.source {
+            BlobSource::Hit => Outcome::Hit,
+            BlobSource::Fill => Outcome::Fill,
+        };
+        let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+            Some(range) => {
+                let len = blob.len().await.map_err(ApiError::cache(Subject::Blob))?;
+                Some((parse_range(range, len), len))
+            }
+            None => None,
+        };
+        let resp = match range {
+            Some((RangeAnswer::Unsatisfiable, len)) => return Err(ApiError::RangeNotSatisfiable { len }),
+            Some((RangeAnswer::Partial { start, end }, len)) => base
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
+                .header(header::CONTENT_LENGTH, end - start + 1)
+                .body(stream_body(blob.stream(start, end + 1))),
+            Some((RangeAnswer::Full, _)) | None => match blob.len_if_known() {
+                Some(len) => base
+                    .header(header::CONTENT_LENGTH, len)
+                    .body(stream_body(blob.stream(0, len))),
+                // Upstream sent no length: stream until the fill commits.
+                None => base.body(stream_body(blob.stream(0, u64::MAX))),
+            },
+        };
+        Ok((resp.expect("valid headers"), outcome))
+    }
+}
+
+fn stream_body(
+    stream: impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+) -> Body {
+    StreamBody::new(stream.map_ok(hyper::body::Frame::data)).boxed_unsync()
+}
+
+fn with_api_version(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut()
+        .insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
+    resp
+}
+
+/// All values of a header that clients may repeat (Docker sends one
+/// `Accept` per media type), joined as one list.
+fn joined_header(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// One page of a tag list, paginated here because some upstreams
+/// (distribution 2.8) ignore `n` and `last`.
+fn tag_page(name: &str, ns: Option<&str>, mut tags: Vec<String>, n: Option<usize>, last: Option<&str>) -> Response<Body> {
+    tags.sort();
+    tags.dedup();
+    let after: Vec<String> = match last {
+        Some(last) => tags.into_iter().filter(|t| t.as_str() > last).collect(),
+        None => tags,
+    };
+    let (page, more) = match n {
+        Some(n) if n < after.len() => (&after[..n], true),
+        _ => (&after[..], false),
+    };
+    let body = serde_json::json!({ "name": name, "tags": page }).to_string();
+    let mut resp = Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    if let (true, Some(n), Some(last_on_page)) = (more, n, page.last()) {
+        let ns = ns.map(|ns| format!("&ns={ns}")).unwrap_or_default();
+        resp = resp.header(
+            header::LINK,
+            format!("</v2/{name}/tags/list?n={n}&last={last_on_page}{ns}>; rel=\"next\""),
+        );
+    }
+    resp.body(full(body)).expect("valid headers")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tag_pages_link_to_the_next() {
+        let tags = vec!["b".to_string(), "a".into(), "c".into(), "d".into()];
+        let resp = tag_page("library/x", Some("docker.io"), tags.clone(), Some(2), None);
+        assert_eq!(
+            resp.headers()[header::LINK],
+            "</v2/library/x/tags/list?n=2&last=b&ns=docker.io>; rel=\"next\""
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, r#"{"name":"library/x","tags":["a","b"]}"#);
+        let resp = tag_page("library/x", None, tags, Some(2), Some("b"));
+        assert!(resp.headers().get(header::LINK).is_none());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, r#"{"name":"library/x","tags":["c","d"]}"#);
+    }
+}

@@ -1,0 +1,298 @@
+//! Single-flight blob fills. The first miss on a digest starts one upstream
+//! fetch, written to a temp file and hashed as it arrives; every client of
+//! that digest reads the growing file. A client hanging up never cancels a
+//! fill; only shutdown does.
+
+use super::{Cache, CacheError};
+use crate::digest::Digest;
+use crate::store::{stream_range, Kind, Progress, TempBlob};
+use crate::upstream::{Upstream, UpstreamError};
+use bytes::Bytes;
+use futures_util::{FutureExt, Stream, StreamExt};
+use std::fs::File;
+use std::io;
+use std::sync::{Arc, OnceLock};
+use tokio::sync::watch;
+
+/// Bytes gathered from upstream before one write: few syscalls when data
+/// streams fast, no waiting when it trickles.
+const WRITE_BATCH: usize = 1 << 20;
+
+pub(super) struct Fill {
+    progress: watch::Receiver<Progress>,
+    file: Arc<File>,
+    /// The typed reason, set before `Progress::Failed` is published.
+    failure: OnceLock<Arc<CacheError>>,
+    task: OnceLock<tokio::task::AbortHandle>,
+}
+
+impl Fill {
+    pub(super) fn abort(&self) {
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
+    }
+}
+
+/// Where a blob answer comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobSource {
+    /// Committed on disk.
+    Hit,
+    /// Being fetched from upstream right now (this request started or joined it).
+    Fill,
+}
+
+/// An open blob: committed, or still being filled.
+pub struct Blob {
+    file: Arc<File>,
+    progress: Option<watch::Receiver<Progress>>,
+    /// The full length, once known.
+    len: Option<u64>,
+    pub source: BlobSource,
+}
+
+impl Blob {
+    pub fn len_if_known(&self) -> Option<u64> {
+        self.len
+    }
+
+    /// The full length; for a fill whose upstream sent no Content-Length
+    /// this waits until the fill completes.
+    pub async fn len(&mut self) -> Result<u64, CacheError> {
+        if let Some(len) = self.len {
+            return Ok(len);
+        }
+        let rx = self.progress.as_mut().expect("only fills lack a length");
+        loop {
+            match &*rx.borrow_and_update() {
+                Progress::Committed { len } => {
+                    self.len = Some(*len);
+                    return Ok(*len);
+                }
+                Progress::Failed(reason) => return Err(CacheError::FillFailed(reason.to_string())),
+                Progress::Connecting | Progress::Writing { .. } => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(CacheError::FillFailed("fill abandoned".into()));
+            }
+        }
+    }
+
+    /// Bytes `start..end`, waiting for them if the blob is still filling.
+    pub fn stream(self, start: u64, end: u64) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        stream_range(self.file, start, end, self.progress)
+    }
+}
+
+impl Cache {
+    /// Opens `digest` from disk, or joins or starts its fill from `upstream`.
+    /// Returns once upstream has answered, so a failure before the first
+    /// byte is a proper error rather than a cut connection.
+    pub async fn blob(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Blob, CacheError> {
+        if let Some(blob) = self.committed_blob(digest)? {
+            return Ok(blob);
+        }
+        let fill = {
+            let mut fills = self.fills.lock().expect("fills lock");
+            match fills.get(digest) {
+                Some(fill) => fill.clone(),
+                None => {
+                    // A fill may have committed between the check above and this lock.
+                    if let Some(blob) = self.committed_blob(digest)? {
+                        return Ok(blob);
+                    }
+                    let fill = self.start_fill(upstream, repo, digest)?;
+                    fills.insert(digest.clone(), fill.clone());
+                    fill
+                }
+            }
+        };
+        let mut rx = fill.progress.clone();
+        loop {
+            let len = match &*rx.borrow_and_update() {
+                Progress::Connecting => None,
+                Progress::Writing { total, .. } => Some(*total),
+                Progress::Committed { len } => Some(Some(*len)),
+                Progress::Failed(reason) => {
+                    return Err(match fill.failure.get() {
+                        Some(e) => CacheError::Shared(e.clone()),
+                        None => CacheError::FillFailed(reason.to_string()),
+                    })
+                }
+            };
+            if let Some(len) = len {
+                return Ok(Blob {
+                    file: fill.file.clone(),
+                    progress: Some(rx),
+                    len,
+                    source: BlobSource::Fill,
+                });
+            }
+            if rx.changed().await.is_err() {
+                return Err(CacheError::FillFailed("fill abandoned".into()));
+            }
+        }
+    }
+
+    /// The length of `digest` without fetching it: from disk, from a fill
+    /// in flight, or from an upstream HEAD.
+    pub async fn blob_len(&self, upstream: &Upstream, repo: &str, digest: &Digest) -> Result<Option<u64>, CacheError> {
+        if let Some((_, len)) = self.store.open_file(Kind::Blob, digest)? {
+            return Ok(Some(len));
+        }
+        let in_flight = self.fills.lock().expect("fills lock").get(digest).cloned();
+        if let Some(fill) = in_flight {
+            match &*fill.progress.borrow() {
+                Progress::Writing { total: Some(len), .. } | Progress::Committed { len } => {
+                    return Ok(Some(*len))
+                }
+                _ => {}
+            }
+        }
+        upstream
+            .head_blob(repo, digest)
+            .await
+            .map_err(|e| CacheError::upstream(upstream, e))
+    }
+
+    fn committed_blob(&self, digest: &Digest) -> Result<Option<Blob>, CacheError> {
+        Ok(self.store.open_file(Kind::Blob, digest)?.map(|(file, len)| Blob {
+            file,
+            progress: None,
+            len: Some(len),
+            source: BlobSource::Hit,
+        }))
+    }
+
+    fn start_fill(self: &Arc<Self>, upstream: &Arc<Upstream>, repo: &str, digest: &Digest) -> Result<Arc<Fill>, CacheError> {
+        let temp = self.store.create_temp(digest)?;
+        let (tx, rx) = watch::channel(Progress::Connecting);
+        let fill = Arc::new(Fill {
+            progress: rx,
+            file: temp.reader()?,
+            failure: OnceLock::new(),
+            task: OnceLock::new(),
+        });
+        let task = tokio::spawn(self.clone().run_fill(
+            upstream.clone(),
+            repo.to_owned(),
+            digest.clone(),
+            temp,
+            tx,
+            fill.clone(),
+        ));
+        let _ = fill.task.set(task.abort_handle());
+        Ok(fill)
+    }
+
+    async fn run_fill(
+        self: Arc<Self>,
+        upstream: Arc<Upstream>,
+        repo: String,
+        digest: Digest,
+        temp: TempBlob,
+        tx: watch::Sender<Progress>,
+        fill: Arc<Fill>,
+    ) {
+        let started = std::time::Instant::now();
+        let outcome = self.fetch_into(&upstream, &repo, &digest, temp, &tx).await;
+        match outcome {
+            Ok(len) => {
+                if let Err(e) = self.index.put_blob(&digest, len) {
+                    // The file is committed and the index is rebuilt from files at start.
+                    tracing::error!(%digest, error = %e, "blob committed but not indexed");
+                }
+                tracing::info!(
+                    upstream = upstream.name(), repo, %digest, bytes = len,
+                    ms = started.elapsed().as_millis() as u64, "blob fill committed"
+                );
+                tx.send_replace(Progress::Committed { len });
+            }
+            Err(e) => {
+                tracing::warn!(upstream = upstream.name(), repo, %digest, error = %e, "blob fill failed; nothing committed");
+                let reason: Arc<str> = e.to_string().into();
+                let _ = fill.failure.set(Arc::new(e));
+                tx.send_replace(Progress::Failed(reason));
+            }
+        }
+        self.fills.lock().expect("fills lock").remove(&digest);
+    }
+
+    async fn fetch_into(
+        &self,
+        upstream: &Upstream,
+        repo: &str,
+        digest: &Digest,
+        temp: TempBlob,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<u64, CacheError> {
+        let upstream_err = |e| CacheError::upstream(upstream, e);
+        let resp = upstream.get_blob(repo, digest).await.map_err(upstream_err)?;
+        let total = resp.content_length();
+        tx.send_replace(Progress::Writing { written: 0, total });
+        let mut body = resp.bytes_stream();
+        let mut temp = Some(temp);
+        let mut ended = false;
+        while !ended {
+            let first = match tokio::time::timeout(upstream.config.read_timeout, body.next()).await {
+                Err(_) => return Err(upstream_err(UpstreamError::Timeout("body data"))),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(upstream_err(UpstreamError::Body(e.to_string()))),
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            let mut batch_len = first.len();
+            let mut batch = vec![first];
+            while batch_len < WRITE_BATCH {
+                match body.next().now_or_never() {
+                    Some(Some(Ok(chunk))) => {
+                        batch_len += chunk.len();
+                        batch.push(chunk);
+                    }
+                    Some(Some(Err(e))) => return Err(upstream_err(UpstreamError::Body(e.to_string()))),
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let mut writer = temp.take().expect("temp present while filling");
+            let (writer, result) = tokio::task::spawn_blocking(move || {
+                let result = batch.iter().try_for_each(|chunk| writer.append(chunk));
+                (writer, result)
+            })
+            .await
+            .map_err(|e| CacheError::Storage(io::Error::other(e)))?;
+            result?;
+            let written = writer.written();
+            if total.is_some_and(|total| written > total) {
+                return Err(upstream_err(UpstreamError::Protocol(format!(
+                    "blob body is longer than its Content-Length {}",
+                    total.unwrap_or_default()
+                ))));
+            }
+            tx.send_replace(Progress::Writing { written, total });
+            temp = Some(writer);
+        }
+        let writer = temp.take().expect("temp present after body");
+        if let Some(total) = total {
+            if writer.written() != total {
+                return Err(upstream_err(UpstreamError::Body(format!(
+                    "body ended after {} of {total} bytes",
+                    writer.written()
+                ))));
+            }
+        }
+        let dest = self.store.path(Kind::Blob, digest);
+        let committed = tokio::task::spawn_blocking(move || writer.commit(&dest))
+            .await
+            .map_err(|e| CacheError::Storage(io::Error::other(e)))?;
+        committed.map_err(|e| CacheError::from_commit(upstream, e))
+    }
+}

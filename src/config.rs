@@ -1,0 +1,603 @@
+//! Configuration: TOML text plus command-line overrides become one validated
+//! [`Config`]. Every problem is reported at once, each naming its key.
+//! Owns parsing and defaults only: it opens no sockets and touches no data.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use toml::{Table, Value};
+use url::Url;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub cache: CacheConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// How long a resolved tag is served without asking upstream.
+    pub tag_ttl: Duration,
+    /// How long past its last confirmation a tag may be served while upstream fails.
+    pub stale_if_error: Duration,
+}
+
+#[derive(Clone)]
+pub struct UpstreamConfig {
+    /// Matched against `?ns=` and a leading path component.
+    pub name: String,
+    pub url: Url,
+    pub default: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    /// Extra token-realm hosts that may receive this upstream's credentials.
+    pub auth_realms: Vec<String>,
+    pub connect_timeout: Duration,
+    /// Time allowed until upstream's response headers arrive.
+    pub response_timeout: Duration,
+    /// Longest silence allowed inside a response body.
+    pub read_timeout: Duration,
+}
+
+// Hand-written so the password never reaches a log line.
+impl fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("name", &self.name)
+            .field("url", &self.url.as_str())
+            .field("default", &self.default)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("ca_file", &self.ca_file)
+            .field("auth_realms", &self.auth_realms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamConfig {
+    /// Docker Hub stores official images under `library/`; clients may omit it.
+    pub fn adds_library_prefix(&self) -> bool {
+        self.name == "docker.io"
+    }
+}
+
+/// Values given on the command line; each replaces the file's value.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub tag_ttl: Option<String>,
+    /// `NAME=URL` pairs; when present they replace the configured upstreams.
+    pub upstreams: Vec<String>,
+}
+
+/// One problem with the configuration, located by its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.issues.len())?;
+        for issue in &self.issues {
+            writeln!(f, "  {}: {}", issue.key, issue.message)?;
+        }
+        Ok(())
+    }
+}
+
+const DEFAULT_UPSTREAMS: [(&str, &str); 4] = [
+    ("docker.io", "https://registry-1.docker.io"),
+    ("ghcr.io", "https://ghcr.io"),
+    ("quay.io", "https://quay.io"),
+    ("registry.k8s.io", "https://registry.k8s.io"),
+];
+
+impl Config {
+    /// The embedded defaults: listen on :5000, data in ./wharf-data, mirror
+    /// Docker Hub (the default), ghcr.io, quay.io and registry.k8s.io.
+    pub fn defaults() -> Config {
+        Config::load("", &Overrides::default()).expect("embedded defaults are valid")
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        Config::load(text, &Overrides::default())
+    }
+
+    /// Parses `text` (may be empty), applies `overrides`, validates everything.
+    pub fn load(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut r = Reader::default();
+        let root: Table = match text.parse::<Table>() {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(ConfigError {
+                    issues: vec![ConfigIssue {
+                        key: "(file)".into(),
+                        message: format!("not valid TOML: {}", e.message()),
+                    }],
+                })
+            }
+        };
+        r.unknown_keys(&root, "", &["server", "storage", "cache", "upstream"]);
+
+        let server = r.table(&root, "server");
+        r.unknown_keys(server, "server.", &["listen"]);
+        let listen_text = overrides
+            .listen
+            .clone()
+            .or_else(|| r.string(server, "server.listen"))
+            .unwrap_or_else(|| "0.0.0.0:5000".into());
+        let listen = r.parse_with("server.listen", &listen_text, |s| {
+            s.parse::<SocketAddr>()
+                .map_err(|e| format!("{e}; expected HOST:PORT such as 0.0.0.0:5000"))
+        });
+
+        let storage = r.table(&root, "storage");
+        r.unknown_keys(storage, "storage.", &["dir"]);
+        let dir = overrides
+            .data_dir
+            .clone()
+            .or_else(|| r.string(storage, "storage.dir").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("./wharf-data"));
+
+        let cache = r.table(&root, "cache");
+        r.unknown_keys(cache, "cache.", &["tag_ttl", "stale_if_error"]);
+        let tag_ttl = match &overrides.tag_ttl {
+            Some(text) => r.parse_with("cache.tag_ttl", text, parse_duration),
+            None => r.duration(cache, "cache.tag_ttl"),
+        }
+        .unwrap_or(Duration::from_secs(300));
+        let stale_if_error = r
+            .duration(cache, "cache.stale_if_error")
+            .unwrap_or(Duration::from_secs(24 * 3600));
+
+        let upstreams = if !overrides.upstreams.is_empty() {
+            r.flag_upstreams(&overrides.upstreams)
+        } else if root.contains_key("upstream") {
+            r.file_upstreams(&root)
+        } else {
+            DEFAULT_UPSTREAMS
+                .iter()
+                .enumerate()
+                .map(|(i, (name, url))| {
+                    UpstreamConfig::new(name, Url::parse(url).expect("default url"), i == 0)
+                })
+                .collect()
+        };
+        r.check_upstream_set(&upstreams);
+
+        if !r.issues.is_empty() {
+            return Err(ConfigError { issues: r.issues });
+        }
+        Ok(Config {
+            server: ServerConfig {
+                listen: listen.expect("no issue means listen parsed"),
+            },
+            storage: StorageConfig { dir },
+            cache: CacheConfig {
+                tag_ttl,
+                stale_if_error,
+            },
+            upstreams,
+        })
+    }
+
+    pub fn default_upstream(&self) -> &UpstreamConfig {
+        self.upstreams
+            .iter()
+            .find(|u| u.default)
+            .expect("validation guarantees one default upstream")
+    }
+}
+
+impl UpstreamConfig {
+    fn new(name: &str, url: Url, default: bool) -> UpstreamConfig {
+        UpstreamConfig {
+            name: name.to_owned(),
+            url,
+            default,
+            username: None,
+            password: None,
+            ca_file: None,
+            auth_realms: Vec::new(),
+            connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Parses `5m`, `24h`, `30s`, `1h 30m`, `500ms`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e}; expected a duration such as \"30s\", \"5m\" or \"24h\""))
+}
+
+#[derive(Default)]
+struct Reader {
+    issues: Vec<ConfigIssue>,
+}
+
+static EMPTY: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
+
+impl Reader {
+    fn issue(&mut self, key: &str, message: impl Into<String>) {
+        self.issues.push(ConfigIssue {
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn table<'a>(&mut self, parent: &'a Table, key: &str) -> &'a Table {
+        match parent.get(key) {
+            Some(Value::Table(t)) => t,
+            Some(other) => {
+                self.issue(key, format!("expected a table, found {}", other.type_str()));
+                EMPTY.get_or_init(Table::new)
+            }
+            None => EMPTY.get_or_init(Table::new),
+        }
+    }
+
+    fn unknown_keys(&mut self, table: &Table, prefix: &str, known: &[&str]) {
+        for key in table.keys() {
+            if !known.contains(&key.as_str()) {
+                self.issue(
+                    &format!("{prefix}{key}"),
+                    format!("unknown key; expected one of: {}", known.join(", ")),
+                );
+            }
+        }
+    }
+
+    /// Reads `path`'s last segment from `table` as a string.
+    fn string(&mut self, table: &Table, path: &str) -> Option<String> {
+        let key = path.rsplit('.').next().expect("split yields one part");
+        match table.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            other => {
+                self.issue(path, format!("expected a string, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn bool(&mut self, table: &Table, path: &str) -> Option<bool> {
+        let key = path.rsplit('.').next().expect("split yields one part");
+        match table.get(key)? {
+            Value::Boolean(b) => Some(*b),
+            other => {
+                self.issue(path, format!("expected true or false, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, table: &Table, path: &str) -> Option<Duration> {
+        let text = self.string(table, path)?;
+        self.parse_with(path, &text, parse_duration)
+    }
+
+    fn parse_with<T>(
+        &mut self,
+        path: &str,
+        text: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        match parse(text) {
+            Ok(v) => Some(v),
+            Err(message) => {
+                self.issue(path, format!("{text:?}: {message}"));
+                None
+            }
+        }
+    }
+
+    fn url(&mut self, path: &str, text: &str) -> Option<Url> {
+        self.parse_with(path, text, |s| {
+            let url = Url::parse(s).map_err(|e| e.to_string())?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err("expected an http:// or https:// URL with a host".into());
+            }
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err("the URL must not carry a query or fragment".into());
+            }
+            Ok(url)
+        })
+    }
+
+    fn flag_upstreams(&mut self, pairs: &[String]) -> Vec<UpstreamConfig> {
+        let mut out = Vec::new();
+        for (i, pair) in pairs.iter().enumerate() {
+            let key = format!("--upstream[{i}]");
+            let Some((name, url)) = pair.split_once('=') else {
+                self.issue(&key, format!("{pair:?}: expected NAME=URL"));
+                continue;
+            };
+            if let Some(url) = self.url(&key, url) {
+                out.push(UpstreamConfig::new(name, url, i == 0));
+            }
+        }
+        out
+    }
+
+    fn file_upstreams(&mut self, root: &Table) -> Vec<UpstreamConfig> {
+        let Some(Value::Array(entries)) = root.get("upstream") else {
+            self.issue("upstream", "expected [[upstream]] tables");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let prefix = format!("upstream[{i}]");
+            let Value::Table(t) = entry else {
+                self.issue(&prefix, "expected a table");
+                continue;
+            };
+            self.unknown_keys(
+                t,
+                &format!("{prefix}."),
+                &[
+                    "name",
+                    "url",
+                    "default",
+                    "username",
+                    "password",
+                    "password_env",
+                    "ca_file",
+                    "auth_realms",
+                    "connect_timeout",
+                    "response_timeout",
+                    "read_timeout",
+                ],
+            );
+            let key = |k: &str| format!("{prefix}.{k}");
+            let name = self.string(t, &key("name"));
+            if name.is_none() && !t.contains_key("name") {
+                self.issue(&key("name"), "missing; every upstream needs a name");
+            }
+            let url = match self.string(t, &key("url")) {
+                Some(text) => self.url(&key("url"), &text),
+                None => {
+                    if !t.contains_key("url") {
+                        self.issue(&key("url"), "missing; every upstream needs a url");
+                    }
+                    None
+                }
+            };
+            let default = self.bool(t, &key("default")).unwrap_or(false);
+            let username = self.string(t, &key("username"));
+            let password = self.password(t, &prefix);
+            if password.is_some() != username.is_some() {
+                self.issue(
+                    &key("username"),
+                    "username and password (or password_env) go together",
+                );
+            }
+            let ca_file = self.string(t, &key("ca_file")).map(PathBuf::from);
+            if let Some(path) = &ca_file {
+                if !path.is_file() {
+                    self.issue(&key("ca_file"), format!("{} is not a readable file", path.display()));
+                }
+            }
+            let auth_realms = match t.get("auth_realms") {
+                None => Vec::new(),
+                Some(Value::Array(hosts)) if hosts.iter().all(Value::is_str) => hosts
+                    .iter()
+                    .filter_map(|h| h.as_str().map(str::to_owned))
+                    .collect(),
+                Some(_) => {
+                    self.issue(&key("auth_realms"), "expected a list of host names");
+                    Vec::new()
+                }
+            };
+            let mut upstream = match (name, url) {
+                (Some(name), Some(url)) => UpstreamConfig::new(&name, url, default),
+                _ => continue,
+            };
+            upstream.username = username;
+            upstream.password = password;
+            upstream.ca_file = ca_file;
+            upstream.auth_realms = auth_realms;
+            for (k, slot) in [
+                ("connect_timeout", &mut upstream.connect_timeout),
+                ("response_timeout", &mut upstream.response_timeout),
+                ("read_timeout", &mut upstream.read_timeout),
+            ] {
+                if let Some(d) = self.duration(t, &key(k)) {
+                    *slot = d;
+                }
+            }
+            out.push(upstream);
+        }
+        out
+    }
+
+    fn password(&mut self, t: &Table, prefix: &str) -> Option<String> {
+        let inline = self.string(t, &format!("{prefix}.password"));
+        let from_env = self.string(t, &format!("{prefix}.password_env"));
+        match (inline, from_env) {
+            (Some(_), Some(_)) => {
+                self.issue(
+                    &format!("{prefix}.password_env"),
+                    "set either password or password_env, not both",
+                );
+                None
+            }
+            (Some(p), None) => Some(p),
+            (None, Some(var)) => match std::env::var(&var) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    self.issue(
+                        &format!("{prefix}.password_env"),
+                        format!("environment variable {var} is not set"),
+                    );
+                    None
+                }
+            },
+            (None, None) => None,
+        }
+    }
+
+    fn check_upstream_set(&mut self, upstreams: &[UpstreamConfig]) {
+        if upstreams.is_empty() {
+            if self.issues.is_empty() {
+                self.issue("upstream", "at least one upstream is required");
+            }
+            return;
+        }
+        let defaults = upstreams.iter().filter(|u| u.default).count();
+        if defaults != 1 {
+            self.issue(
+                "upstream",
+                format!("exactly one upstream must have default = true, found {defaults}"),
+            );
+        }
+        for (i, u) in upstreams.iter().enumerate() {
+            if !crate::api::route::is_valid_name_component(&u.name) {
+                self.issue(
+                    &format!("upstream[{i}].name"),
+                    format!(
+                        "{:?} must be a registry host name such as docker.io (lowercase letters, digits, '.', '-')",
+                        u.name
+                    ),
+                );
+            }
+            if upstreams[..i].iter().any(|o| o.name == u.name) {
+                self.issue(&format!("upstream[{i}].name"), format!("{:?} is used twice", u.name));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_gives_embedded_defaults() {
+        let c = Config::defaults();
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:5000");
+        assert_eq!(c.storage.dir, PathBuf::from("./wharf-data"));
+        assert_eq!(c.cache.tag_ttl, Duration::from_secs(300));
+        let names: Vec<_> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"]);
+        assert_eq!(c.default_upstream().url.as_str(), "https://registry-1.docker.io/");
+    }
+
+    #[test]
+    fn reads_every_documented_key() {
+        std::env::set_var("WHARF_TEST_PW", "s3cret");
+        let c = Config::from_toml_str(
+            r#"
+            [server]
+            listen = "127.0.0.1:6000"
+            [storage]
+            dir = "/var/lib/wharf"
+            [cache]
+            tag_ttl = "1m"
+            stale_if_error = "2h"
+            [[upstream]]
+            name = "docker.io"
+            url = "https://registry-1.docker.io"
+            default = true
+            username = "me"
+            password_env = "WHARF_TEST_PW"
+            auth_realms = ["auth.docker.io"]
+            response_timeout = "5s"
+            [[upstream]]
+            name = "local.test"
+            url = "http://127.0.0.1:5001"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.port(), 6000);
+        assert_eq!(c.cache.tag_ttl, Duration::from_secs(60));
+        assert_eq!(c.cache.stale_if_error, Duration::from_secs(7200));
+        let hub = &c.upstreams[0];
+        assert_eq!(hub.password.as_deref(), Some("s3cret"));
+        assert_eq!(hub.response_timeout, Duration::from_secs(5));
+        assert!(!format!("{hub:?}").contains("s3cret"));
+        assert!(!c.upstreams[1].default);
+    }
+
+    #[test]
+    fn reports_every_error_with_its_key() {
+        let err = Config::from_toml_str(
+            r#"
+            [server]
+            listen = "nowhere"
+            colour = "blue"
+            [cache]
+            tag_ttl = "soon"
+            [[upstream]]
+            name = "Bad Name"
+            url = "ftp://x"
+            [[upstream]]
+            url = "http://ok"
+            default = "yes"
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err.issues.iter().map(|i| i.key.as_str()).collect();
+        for expected in [
+            "server.listen",
+            "server.colour",
+            "cache.tag_ttl",
+            "upstream[0].url",
+            "upstream[1].name",
+            "upstream[1].default",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let c = Config::load(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nname = \"a.io\"\nurl = \"http://a\"\ndefault = true\n",
+            &Overrides {
+                listen: Some("127.0.0.1:2".into()),
+                data_dir: Some("/tmp/x".into()),
+                tag_ttl: Some("10s".into()),
+                upstreams: vec!["b.io=http://b".into(), "c.io=http://c".into()],
+            },
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.port(), 2);
+        assert_eq!(c.cache.tag_ttl, Duration::from_secs(10));
+        assert_eq!(c.default_upstream().name, "b.io");
+        assert_eq!(c.upstreams.len(), 2);
+    }
+
+    #[test]
+    fn rejects_two_defaults_and_duplicates() {
+        let err = Config::from_toml_str(
+            "[[upstream]]\nname = \"a.io\"\nurl = \"http://a\"\ndefault = true\n[[upstream]]\nname = \"a.io\"\nurl = \"http://b\"\ndefault = true\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("exactly one upstream"), "{text}");
+        assert!(text.contains("used twice"), "{text}");
+    }
+}

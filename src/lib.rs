@@ -1,0 +1,125 @@
+//! wharf: a pull-through caching proxy for container registries.
+//!
+//! [`start`] wires the pieces together: configuration, the cache on disk,
+//! one client per upstream, the API, and the HTTP server.
+
+pub mod api;
+pub mod cache;
+pub mod config;
+pub mod digest;
+pub mod index;
+pub mod server;
+pub mod store;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::Config;
+
+/// How long open responses may take to finish after shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data dir {dir}: {source}")]
+    Cache {
+        dir: String,
+        source: cache::CacheError,
+    },
+    #[error("upstream {name}: {reason}")]
+    Upstream { name: String, reason: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running server; dropping it without [`RunningServer::shutdown`]
+/// leaves it running until the runtime ends.
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+    api: Arc<api::Api>,
+}
+
+impl RunningServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, lets open responses finish (bounded), discards
+    /// unfinished fills, and releases the data dir.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+        self.api.cache().abort_fills();
+        // Fill tasks and connections hold the cache; wait for them to let go
+        // so the index file is closed when this returns.
+        let mut api = self.api;
+        for _ in 0..500 {
+            match Arc::try_unwrap(api) {
+                Ok(api) => {
+                    drop(api);
+                    return;
+                }
+                Err(still_shared) => api = still_shared,
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::warn!("shutdown: some tasks still hold the cache after 5 s");
+    }
+}
+
+/// Opens the cache, builds the upstream clients, binds and starts serving.
+pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    let dir = config.storage.dir.clone();
+    let cache_config = config.cache.clone();
+    let cache = tokio::task::spawn_blocking(move || cache::Cache::open(&dir, cache_config))
+        .await
+        .expect("cache open does not panic")
+        .map_err(|source| StartError::Cache {
+            dir: config.storage.dir.display().to_string(),
+            source,
+        })?;
+    let upstreams = config
+        .upstreams
+        .iter()
+        .map(|u| {
+            upstream::Upstream::new(u.clone()).map(Arc::new).map_err(|reason| StartError::Upstream {
+                name: u.name.clone(),
+                reason,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.server.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.server.listen,
+        source,
+    })?;
+    let api = Arc::new(api::Api::new(config, upstreams, Arc::new(cache)));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service_api = api.clone();
+    let task = tokio::spawn(server::serve(
+        listener,
+        move |req| service_api.clone().handle(req),
+        async {
+            let _ = stopped.await;
+        },
+        SHUTDOWN_GRACE,
+    ));
+    Ok(RunningServer {
+        local_addr,
+        stop,
+        task,
+        api,
+    })
+}
