@@ -25,6 +25,12 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
     pub dir: PathBuf,
+    /// Byte budget for blobs on disk.
+    pub max_size: u64,
+    /// Eviction starts above this fraction of `max_size`...
+    pub high_watermark: f64,
+    /// ...and stops at or below this one.
+    pub low_watermark: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -33,6 +39,8 @@ pub struct CacheConfig {
     pub tag_ttl: Duration,
     /// How long past its last confirmation a tag may be served while upstream fails.
     pub stale_if_error: Duration,
+    /// How long an upstream 404 is remembered.
+    pub negative_ttl: Duration,
 }
 
 #[derive(Clone)]
@@ -81,6 +89,7 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub tag_ttl: Option<String>,
+    pub max_size: Option<String>,
     /// `NAME=URL` pairs; when present they replace the configured upstreams.
     pub upstreams: Vec<String>,
 }
@@ -154,15 +163,40 @@ impl Config {
         });
 
         let storage = r.table(&root, "storage");
-        r.unknown_keys(storage, "storage.", &["dir"]);
+        r.unknown_keys(
+            storage,
+            "storage.",
+            &["dir", "max_size", "high_watermark", "low_watermark"],
+        );
         let dir = overrides
             .data_dir
             .clone()
             .or_else(|| r.string(storage, "storage.dir").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("./wharf-data"));
+        let max_size = match &overrides.max_size {
+            Some(text) => r.parse_with("storage.max_size", text, parse_size),
+            None => match storage.get("max_size") {
+                Some(Value::Integer(n)) if *n > 0 => Some(*n as u64),
+                Some(Value::String(text)) => r.parse_with("storage.max_size", text, parse_size),
+                Some(_) => {
+                    r.issue("storage.max_size", "expected a size such as \"20GiB\"");
+                    None
+                }
+                None => None,
+            },
+        }
+        .unwrap_or(20 << 30);
+        let high_watermark = r.fraction(storage, "storage.high_watermark").unwrap_or(0.9);
+        let low_watermark = r.fraction(storage, "storage.low_watermark").unwrap_or(0.8);
+        if low_watermark >= high_watermark {
+            r.issue(
+                "storage.low_watermark",
+                format!("must be below high_watermark ({low_watermark} >= {high_watermark})"),
+            );
+        }
 
         let cache = r.table(&root, "cache");
-        r.unknown_keys(cache, "cache.", &["tag_ttl", "stale_if_error"]);
+        r.unknown_keys(cache, "cache.", &["tag_ttl", "stale_if_error", "negative_ttl"]);
         let tag_ttl = match &overrides.tag_ttl {
             Some(text) => r.parse_with("cache.tag_ttl", text, parse_duration),
             None => r.duration(cache, "cache.tag_ttl"),
@@ -171,6 +205,9 @@ impl Config {
         let stale_if_error = r
             .duration(cache, "cache.stale_if_error")
             .unwrap_or(Duration::from_secs(24 * 3600));
+        let negative_ttl = r
+            .duration(cache, "cache.negative_ttl")
+            .unwrap_or(Duration::from_secs(5));
 
         let upstreams = if !overrides.upstreams.is_empty() {
             r.flag_upstreams(&overrides.upstreams)
@@ -194,10 +231,16 @@ impl Config {
             server: ServerConfig {
                 listen: listen.expect("no issue means listen parsed"),
             },
-            storage: StorageConfig { dir },
+            storage: StorageConfig {
+                dir,
+                max_size,
+                high_watermark,
+                low_watermark,
+            },
             cache: CacheConfig {
                 tag_ttl,
                 stale_if_error,
+                negative_ttl,
             },
             upstreams,
         })
@@ -232,6 +275,35 @@ impl UpstreamConfig {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("{e}; expected a duration such as \"30s\", \"5m\" or \"24h\""))
+}
+
+/// Parses `20GiB`, `512MiB`, `10GB`, `1048576`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000_u64.pow(2),
+        "gb" => 1000_u64.pow(3),
+        "tb" => 1000_u64.pow(4),
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        _ => return Err("unknown unit; expected B, KiB, MiB, GiB, TiB, KB, MB, GB or TB".into()),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| "expected a size such as \"20GiB\" or \"500MB\"".to_string())?;
+    let bytes = value * multiplier as f64;
+    if !(1.0..=u64::MAX as f64).contains(&bytes) {
+        return Err("must be at least one byte".into());
+    }
+    Ok(bytes as u64)
 }
 
 #[derive(Default)]
@@ -289,6 +361,23 @@ impl Reader {
             Value::Boolean(b) => Some(*b),
             other => {
                 self.issue(path, format!("expected true or false, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    /// `"90%"` or `0.9`: a fraction in (0, 1].
+    fn fraction(&mut self, table: &Table, path: &str) -> Option<f64> {
+        let key = path.rsplit('.').next().expect("split yields one part");
+        let value = match table.get(key)? {
+            Value::Float(f) => Some(*f),
+            Value::String(s) => s.strip_suffix('%').and_then(|p| p.trim().parse::<f64>().ok()).map(|p| p / 100.0),
+            _ => None,
+        };
+        match value {
+            Some(f) if f > 0.0 && f <= 1.0 => Some(f),
+            _ => {
+                self.issue(path, "expected a percentage such as \"90%\" (or a fraction such as 0.9)");
                 None
             }
         }
@@ -580,14 +669,37 @@ mod tests {
                 listen: Some("127.0.0.1:2".into()),
                 data_dir: Some("/tmp/x".into()),
                 tag_ttl: Some("10s".into()),
+                max_size: Some("1GiB".into()),
                 upstreams: vec!["b.io=http://b".into(), "c.io=http://c".into()],
             },
         )
         .unwrap();
         assert_eq!(c.server.listen.port(), 2);
         assert_eq!(c.cache.tag_ttl, Duration::from_secs(10));
+        assert_eq!(c.storage.max_size, 1 << 30);
         assert_eq!(c.default_upstream().name, "b.io");
         assert_eq!(c.upstreams.len(), 2);
+    }
+
+    #[test]
+    fn sizes_and_watermarks() {
+        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_size("1.5 MiB"), Ok(3 << 19));
+        assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        let c = Config::from_toml_str(
+            "[storage]\nmax_size = 1000\nhigh_watermark = \"95%\"\nlow_watermark = 0.5\n",
+        )
+        .unwrap();
+        assert_eq!((c.storage.max_size, c.storage.high_watermark, c.storage.low_watermark), (1000, 0.95, 0.5));
+        let err = Config::from_toml_str("[storage]\nhigh_watermark = \"50%\"\nlow_watermark = \"60%\"\n").unwrap_err();
+        assert_eq!(err.issues[0].key, "storage.low_watermark");
+        let err = Config::from_toml_str("[storage]\nmax_size = \"big\"\nhigh_watermark = 2.0\n").unwrap_err();
+        let keys: Vec<_> = err.issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, ["storage.max_size", "storage.high_watermark"]);
     }
 
     #[test]
@@ -599,5 +711,18 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("exactly one upstream"), "{text}");
         assert!(text.contains("used twice"), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod documented_example {
+    use super::*;
+
+    /// config/wharf.toml documents the defaults; keep the two in step.
+    #[test]
+    fn shipped_example_equals_the_embedded_defaults() {
+        let shipped = Config::from_toml_str(include_str!("../config/wharf.toml")).unwrap();
+        let defaults = Config::defaults();
+        assert_eq!(format!("{shipped:?}"), format!("{defaults:?}"));
     }
 }

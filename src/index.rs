@@ -91,6 +91,46 @@ impl Index {
         })
     }
 
+    pub fn remove_blobs(&self, digests: &[Digest]) -> Result<(), IndexError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(BLOBS)?;
+            for digest in digests {
+                table.remove(digest.to_string().as_str())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Records last-access times gathered in memory, in one transaction.
+    pub fn touch_blobs(&self, touched: &[(Digest, u64)]) -> Result<(), IndexError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(BLOBS)?;
+            for (digest, access) in touched {
+                let key = digest.to_string();
+                let size = table.get(key.as_str())?.map(|v| v.value().0);
+                if let Some(size) = size {
+                    table.insert(key.as_str(), (size, *access))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Every indexed blob: digest, size, last access (unix seconds).
+    pub fn blobs(&self) -> Result<Vec<(Digest, u64, u64)>, IndexError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(BLOBS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            if let Ok(digest) = k.value().parse() {
+                let (size, access) = v.value();
+                out.push((digest, size, access));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn put_manifest(&self, digest: &Digest, media_type: &str) -> Result<(), IndexError> {
         self.write(|tx| {
             tx.open_table(MANIFESTS)?
@@ -238,6 +278,10 @@ mod tests {
         assert_eq!(index.tag("docker.io/library/a:1").unwrap(), Some(tag.clone()));
         assert_eq!(index.manifest_type(&d).unwrap().as_deref(), Some(tag.media_type.as_str()));
         assert_eq!(index.blob_totals().unwrap(), (1, 7));
+        index.touch_blobs(&[(d.clone(), 99)]).unwrap();
+        assert_eq!(index.blobs().unwrap(), vec![(d.clone(), 7, 99)]);
+        index.remove_blobs(&[d]).unwrap();
+        assert_eq!(index.blob_totals().unwrap(), (0, 0));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub use config::Config;
 
 /// How long open responses may take to finish after shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -57,6 +58,7 @@ impl RunningServer {
         let _ = self.stop.send(());
         let _ = self.task.await;
         self.api.cache().abort_fills();
+        self.api.cache().flush_access_times();
         // Fill tasks and connections hold the cache; wait for them to let go
         // so the index file is closed when this returns.
         let mut api = self.api;
@@ -74,11 +76,29 @@ impl RunningServer {
     }
 }
 
+/// Last-access times are kept in memory and written in batches, so a
+/// cache hit costs no disk write.
+async fn flush_access_times(cache: std::sync::Weak<cache::Cache>) {
+    let mut tick = tokio::time::interval(ACCESS_FLUSH_INTERVAL);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(cache) = cache.upgrade() else { return };
+        let _ = tokio::task::spawn_blocking(move || cache.flush_access_times()).await;
+    }
+}
+
 /// Opens the cache, builds the upstream clients, binds and starts serving.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let dir = config.storage.dir.clone();
     let cache_config = config.cache.clone();
-    let cache = tokio::task::spawn_blocking(move || cache::Cache::open(&dir, cache_config))
+    let storage = &config.storage;
+    let limits = store::Limits {
+        max_size: storage.max_size,
+        high: (storage.max_size as f64 * storage.high_watermark) as u64,
+        low: (storage.max_size as f64 * storage.low_watermark) as u64,
+    };
+    let cache = tokio::task::spawn_blocking(move || cache::Cache::open(&dir, cache_config, limits))
         .await
         .expect("cache open does not panic")
         .map_err(|source| StartError::Cache {
@@ -105,7 +125,11 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         addr: config.server.listen,
         source,
     })?;
-    let api = Arc::new(api::Api::new(config, upstreams, Arc::new(cache)));
+    let cache = Arc::new(cache);
+    let (count, bytes) = cache.usage();
+    tracing::info!(blobs = count, bytes, max_size = limits.max_size, "cache opened");
+    tokio::spawn(flush_access_times(Arc::downgrade(&cache)));
+    let api = Arc::new(api::Api::new(config, upstreams, cache));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let service_api = api.clone();
     let task = tokio::spawn(server::serve(

@@ -28,6 +28,9 @@ enum Command {
         /// How long a tag is served without asking upstream, e.g. 5m.
         #[arg(long)]
         tag_ttl: Option<String>,
+        /// Byte budget for cached blobs, e.g. 20GiB.
+        #[arg(long)]
+        max_size: Option<String>,
         /// NAME=URL; repeatable; replaces the configured upstreams; the first is the default.
         #[arg(long = "upstream", value_name = "NAME=URL")]
         upstreams: Vec<String>,
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::CheckConfig { file } => match load(Some(&file), &Overrides::default()) {
@@ -55,8 +59,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Serve { config, listen, data_dir, tag_ttl, upstreams } => {
-            let overrides = Overrides { listen, data_dir, tag_ttl, upstreams };
+        Command::Serve { config, listen, data_dir, tag_ttl, max_size, upstreams } => {
+            let overrides = Overrides { listen, data_dir, tag_ttl, max_size, upstreams };
             match load(config.as_deref(), &overrides) {
                 Ok(config) => serve(config),
                 Err(message) => {

@@ -5,7 +5,7 @@
 
 use super::{Cache, CacheError};
 use crate::digest::Digest;
-use crate::store::{stream_range, Kind, Progress, TempBlob};
+use crate::store::{stream_range, Kind, Pin, Progress, TempBlob};
 use crate::upstream::{Upstream, UpstreamError};
 use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
@@ -34,6 +34,14 @@ impl Fill {
     }
 }
 
+/// How a fill ended well.
+enum Filled {
+    /// Committed to the store.
+    Kept(u64),
+    /// Verified and served, but larger than the whole budget.
+    Passed(u64),
+}
+
 /// Where a blob answer comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlobSource {
@@ -43,9 +51,11 @@ pub enum BlobSource {
     Fill,
 }
 
-/// An open blob: committed, or still being filled.
+/// An open blob: committed, or still being filled. Pinned against
+/// eviction until it and its stream are dropped.
 pub struct Blob {
     file: Arc<File>,
+    pin: Pin,
     progress: Option<watch::Receiver<Progress>>,
     /// The full length, once known.
     len: Option<u64>,
@@ -66,7 +76,7 @@ impl Blob {
         let rx = self.progress.as_mut().expect("only fills lack a length");
         loop {
             match &*rx.borrow_and_update() {
-                Progress::Committed { len } => {
+                Progress::Verified { len } => {
                     self.len = Some(*len);
                     return Ok(*len);
                 }
@@ -81,7 +91,7 @@ impl Blob {
 
     /// Bytes `start..end`, waiting for them if the blob is still filling.
     pub fn stream(self, start: u64, end: u64) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-        stream_range(self.file, start, end, self.progress)
+        stream_range(self.file, start, end, self.progress, self.pin)
     }
 }
 
@@ -98,6 +108,11 @@ impl Cache {
         if let Some(blob) = self.committed_blob(digest)? {
             return Ok(blob);
         }
+        let negative_key = format!("{}/{repo}@{digest}", upstream.name());
+        if self.negative.contains_key(&negative_key) {
+            return Err(CacheError::upstream(upstream, UpstreamError::NotFound));
+        }
+        let pin = self.budget.pin(digest);
         let fill = {
             let mut fills = self.fills.lock().expect("fills lock");
             match fills.get(digest) {
@@ -118,17 +133,22 @@ impl Cache {
             let len = match &*rx.borrow_and_update() {
                 Progress::Connecting => None,
                 Progress::Writing { total, .. } => Some(*total),
-                Progress::Committed { len } => Some(Some(*len)),
+                Progress::Verified { len } => Some(Some(*len)),
                 Progress::Failed(reason) => {
-                    return Err(match fill.failure.get() {
-                        Some(e) => CacheError::Shared(e.clone()),
-                        None => CacheError::FillFailed(reason.to_string()),
-                    })
+                    let error = match fill.failure.get() {
+                        Some(e) => e.clone(),
+                        None => return Err(CacheError::FillFailed(reason.to_string())),
+                    };
+                    if matches!(*error, CacheError::Upstream { error: UpstreamError::NotFound, .. }) {
+                        self.negative.insert(negative_key, ());
+                    }
+                    return Err(CacheError::Shared(error));
                 }
             };
             if let Some(len) = len {
                 return Ok(Blob {
                     file: fill.file.clone(),
+                    pin,
                     progress: Some(rx),
                     len,
                     source: BlobSource::Fill,
@@ -149,7 +169,7 @@ impl Cache {
         let in_flight = self.fills.lock().expect("fills lock").get(digest).cloned();
         if let Some(fill) = in_flight {
             match &*fill.progress.borrow() {
-                Progress::Writing { total: Some(len), .. } | Progress::Committed { len } => {
+                Progress::Writing { total: Some(len), .. } | Progress::Verified { len } => {
                     return Ok(Some(*len))
                 }
                 _ => {}
@@ -162,8 +182,15 @@ impl Cache {
     }
 
     fn committed_blob(&self, digest: &Digest) -> Result<Option<Blob>, CacheError> {
-        Ok(self.store.open_file(Kind::Blob, digest)?.map(|(file, len)| Blob {
+        // Pin before opening, so eviction cannot pick it in between.
+        let pin = self.budget.pin(digest);
+        let Some((file, len)) = self.store.open_file(Kind::Blob, digest)? else {
+            return Ok(None);
+        };
+        self.budget.touch(digest);
+        Ok(Some(Blob {
             file,
+            pin,
             progress: None,
             len: Some(len),
             source: BlobSource::Hit,
@@ -180,6 +207,7 @@ impl Cache {
             task: OnceLock::new(),
         });
         let task = tokio::spawn(self.clone().run_fill(
+            self.budget.pin(digest),
             upstream.clone(),
             repo.to_owned(),
             digest.clone(),
@@ -193,6 +221,7 @@ impl Cache {
 
     async fn run_fill(
         self: Arc<Self>,
+        _pin: Pin,
         upstream: Arc<Upstream>,
         repo: String,
         digest: Digest,
@@ -203,7 +232,8 @@ impl Cache {
         let started = std::time::Instant::now();
         let outcome = self.fetch_into(&upstream, &repo, &digest, temp, &tx).await;
         match outcome {
-            Ok(len) => {
+            Ok(Filled::Kept(len)) => {
+                self.budget.add(&digest, len);
                 if let Err(e) = self.index.put_blob(&digest, len) {
                     // The file is committed and the index is rebuilt from files at start.
                     tracing::error!(%digest, error = %e, "blob committed but not indexed");
@@ -212,7 +242,17 @@ impl Cache {
                     upstream = upstream.name(), repo, %digest, bytes = len,
                     ms = started.elapsed().as_millis() as u64, "blob fill committed"
                 );
-                tx.send_replace(Progress::Committed { len });
+                tx.send_replace(Progress::Verified { len });
+                let cache = self.clone();
+                let _ = tokio::task::spawn_blocking(move || cache.enforce_budget()).await;
+            }
+            Ok(Filled::Passed(len)) => {
+                tracing::warn!(
+                    upstream = upstream.name(), repo, %digest, bytes = len,
+                    max_size = self.budget.limits().max_size,
+                    "blob is larger than the whole cache budget: streamed, verified, not kept"
+                );
+                tx.send_replace(Progress::Verified { len });
             }
             Err(e) => {
                 tracing::warn!(upstream = upstream.name(), repo, %digest, error = %e, "blob fill failed; nothing committed");
@@ -231,7 +271,7 @@ impl Cache {
         digest: &Digest,
         temp: TempBlob,
         tx: &watch::Sender<Progress>,
-    ) -> Result<u64, CacheError> {
+    ) -> Result<Filled, CacheError> {
         let upstream_err = |e| CacheError::upstream(upstream, e);
         let resp = upstream.get_blob(repo, digest).await.map_err(upstream_err)?;
         let total = resp.content_length();
@@ -290,9 +330,16 @@ impl Cache {
             }
         }
         let dest = self.store.path(Kind::Blob, digest);
-        let committed = tokio::task::spawn_blocking(move || writer.commit(&dest))
-            .await
-            .map_err(|e| CacheError::Storage(io::Error::other(e)))?;
-        committed.map_err(|e| CacheError::from_commit(upstream, e))
+        let keep = self.budget.fits(writer.written());
+        let finished = tokio::task::spawn_blocking(move || {
+            if keep {
+                writer.commit(&dest).map(Filled::Kept)
+            } else {
+                writer.verify_and_discard().map(Filled::Passed)
+            }
+        })
+        .await
+        .map_err(|e| CacheError::Storage(io::Error::other(e)))?;
+        finished.map_err(|e| CacheError::from_commit(upstream, e))
     }
 }

@@ -13,7 +13,7 @@ use crate::api::route::Reference;
 use crate::config::CacheConfig;
 use crate::digest::Digest;
 use crate::index::{unix_ms, Index, IndexError, TagRecord};
-use crate::store::{CommitError, Kind, Store};
+use crate::store::{Budget, CommitError, Kind, Limits, Store};
 use crate::upstream::{FetchedManifest, Upstream, UpstreamError, MANIFEST_TYPES};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -97,6 +97,10 @@ pub struct Cache {
     fills: Mutex<HashMap<Digest, Arc<fill::Fill>>>,
     manifests: moka::sync::Cache<Digest, Arc<Manifest>>,
     tags: RwLock<HashMap<String, TagEntry>>,
+    budget: Arc<Budget>,
+    /// Recent upstream 404s (`upstream/repo@reference`), so a storm of
+    /// pulls of something missing asks upstream once.
+    negative: moka::sync::Cache<String, ()>,
     /// Serialises upstream work per tag, so a storm of pulls of one stale
     /// tag makes one upstream request.
     tag_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -107,7 +111,7 @@ const MANIFEST_MEMORY: u64 = 64 << 20;
 
 impl Cache {
     /// Opens the store and index under `dir` and reconciles them.
-    pub fn open(dir: &std::path::Path, config: CacheConfig) -> Result<Cache, CacheError> {
+    pub fn open(dir: &std::path::Path, config: CacheConfig, limits: Limits) -> Result<Cache, CacheError> {
         let store = Store::open(dir)?;
         let index = Index::open(&dir.join("index.redb"))?;
         let (blobs, strays) = store.scan(Kind::Blob)?;
@@ -126,8 +130,14 @@ impl Cache {
         if reconciled.added + reconciled.dropped > 0 {
             tracing::info!(added = reconciled.added, dropped = reconciled.dropped, "index reconciled with the files on disk");
         }
-        Ok(Cache {
+        let budget = Arc::new(Budget::new(limits, index.blobs()?));
+        let cache = Cache {
+            negative: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(config.negative_ttl)
+                .build(),
             config,
+            budget,
             store,
             index,
             fills: Mutex::new(HashMap::new()),
@@ -137,12 +147,56 @@ impl Cache {
                 .build(),
             tags: RwLock::new(HashMap::new()),
             tag_locks: Mutex::new(HashMap::new()),
-        })
+        };
+        // The budget may have shrunk since the last run.
+        cache.enforce_budget();
+        Ok(cache)
     }
 
-    /// Blob count and bytes on disk, as the index records them.
-    pub fn blob_totals(&self) -> Result<(u64, u64), CacheError> {
-        Ok(self.index.blob_totals()?)
+    /// Blob count and bytes on disk.
+    pub fn usage(&self) -> (u64, u64) {
+        self.budget.usage()
+    }
+
+    /// Evicts least recently used, unpinned blobs if usage is past the high
+    /// watermark. Blocking: deletes files and writes the index.
+    pub fn enforce_budget(&self) {
+        let victims = self.budget.victims();
+        if victims.is_empty() {
+            return;
+        }
+        let mut removed = Vec::new();
+        for (digest, size) in victims {
+            // A reader may have pinned it since the victims were chosen.
+            if self.budget.is_pinned(&digest) {
+                continue;
+            }
+            match self.store.remove(Kind::Blob, &digest) {
+                Ok(()) => {
+                    self.budget.remove(&digest);
+                    tracing::info!(%digest, bytes = size, "evicted blob (least recently used)");
+                    removed.push(digest);
+                }
+                Err(e) => tracing::error!(%digest, error = %e, "could not evict blob"),
+            }
+        }
+        if let Err(e) = self.index.remove_blobs(&removed) {
+            // Reconciled at the next start: the files are the truth.
+            tracing::error!(error = %e, "evicted blobs not removed from the index");
+        }
+        let (count, bytes) = self.budget.usage();
+        tracing::info!(evicted = removed.len(), blobs = count, bytes, "cache usage after eviction");
+    }
+
+    /// Writes last-access times gathered in memory to the index.
+    pub fn flush_access_times(&self) {
+        let touched = self.budget.take_dirty();
+        if touched.is_empty() {
+            return;
+        }
+        if let Err(e) = self.index.touch_blobs(&touched) {
+            tracing::warn!(error = %e, blobs = touched.len(), "could not record last-access times");
+        }
     }
 
     /// Stops every fill in flight; their temp files are removed.
@@ -161,19 +215,33 @@ impl Cache {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<(Arc<Manifest>, Freshness), CacheError> {
-        match reference {
+        if let Reference::Digest(digest) = reference {
+            if let Some(m) = self.local_manifest(digest)? {
+                return Ok((m, Freshness::Hit));
+            }
+        }
+        let negative_key = format!("{}/{repo}@{reference}", upstream.name());
+        if self.negative.contains_key(&negative_key) {
+            return Err(CacheError::upstream(upstream, UpstreamError::NotFound));
+        }
+        let answer = match reference {
             Reference::Digest(digest) => {
-                if let Some(m) = self.local_manifest(digest)? {
-                    return Ok((m, Freshness::Hit));
-                }
-                let fetched = upstream
+                match upstream
                     .get_manifest(repo, &digest.to_string(), accept.unwrap_or(MANIFEST_TYPES))
                     .await
-                    .map_err(|e| CacheError::upstream(upstream, e))?;
-                Ok((self.keep_manifest(upstream, fetched, Some(digest))?, Freshness::Fetched))
+                {
+                    Ok(fetched) => self
+                        .keep_manifest(upstream, fetched, Some(digest))
+                        .map(|m| (m, Freshness::Fetched)),
+                    Err(e) => Err(CacheError::upstream(upstream, e)),
+                }
             }
             Reference::Tag(tag) => self.tagged_manifest(upstream, repo, tag, accept).await,
+        };
+        if let Err(CacheError::Upstream { error: UpstreamError::NotFound, .. }) = &answer {
+            self.negative.insert(negative_key, ());
         }
+        answer
     }
 
     async fn tagged_manifest(

@@ -4,9 +4,11 @@
 //! renamed into place only when the digest matches. Owns file layout and
 //! durability; knows nothing of HTTP, upstreams or policy.
 
+mod budget;
 mod reader;
 mod temp;
 
+pub use budget::{now_secs, Budget, Limits, Pin};
 pub use reader::{stream_range, Progress};
 pub use temp::{CommitError, TempBlob};
 

@@ -20,8 +20,8 @@ pub enum Progress {
     Connecting,
     /// Bytes on disk so far, and the length upstream announced.
     Writing { written: u64, total: Option<u64> },
-    /// Verified and renamed into place.
-    Committed { len: u64 },
+    /// Complete and verified: every byte may go out.
+    Verified { len: u64 },
     /// Nothing will be committed; the reason is for logs.
     Failed(Arc<str>),
 }
@@ -37,19 +37,22 @@ impl Progress {
                 // It may be: keep one byte back until the digest is checked.
                 _ => written.saturating_sub(1),
             },
-            Progress::Committed { len } => len,
+            Progress::Verified { len } => len,
         }
     }
 }
 
 /// Streams bytes `start..end` of `file`. With `progress`, the file may still
 /// be growing: the stream waits for bytes and fails if the fill fails.
-pub fn stream_range(
+/// `guard` lives as long as the stream (a pin that keeps the blob from eviction).
+pub fn stream_range<G: Send + 'static>(
     file: Arc<File>,
     start: u64,
     end: u64,
     progress: Option<watch::Receiver<Progress>>,
+    guard: G,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let file = (file, guard);
     futures_util::stream::unfold(
         (file, start, progress),
         move |(file, pos, mut progress)| async move {
@@ -64,7 +67,7 @@ pub fn stream_range(
                         let e = io::Error::other(format!("fill failed: {reason}"));
                         return Some((Err(e), (file, end, None)));
                     }
-                    if matches!(state, Progress::Committed { len } if pos >= len) {
+                    if matches!(state, Progress::Verified { len } if pos >= len) {
                         return None;
                     }
                     let readable = state.readable().min(end);
@@ -79,7 +82,7 @@ pub fn stream_range(
                 },
             };
             let len = (available - pos).min(READ_SIZE) as usize;
-            let read_file = file.clone();
+            let read_file = file.0.clone();
             let chunk = tokio::task::spawn_blocking(move || {
                 let mut buf = BytesMut::zeroed(len);
                 read_file.read_exact_at(&mut buf, pos)?;
@@ -107,7 +110,7 @@ mod tests {
         assert_eq!(w(5, Some(10)).readable(), 5);
         assert_eq!(w(10, Some(10)).readable(), 9);
         assert_eq!(w(10, None).readable(), 9);
-        assert_eq!(Progress::Committed { len: 10 }.readable(), 10);
+        assert_eq!(Progress::Verified { len: 10 }.readable(), 10);
     }
 
     #[tokio::test]
@@ -118,19 +121,19 @@ mod tests {
         let file = Arc::new(File::open(&path).unwrap());
         let (tx, rx) = watch::channel(Progress::Connecting);
         let reader = tokio::spawn(
-            stream_range(file.clone(), 2, 6, Some(rx)).collect::<Vec<_>>(),
+            stream_range(file.clone(), 2, 6, Some(rx), ()).collect::<Vec<_>>(),
         );
         writer.write_all(b"abcd").unwrap();
         tx.send(Progress::Writing { written: 4, total: Some(6) }).unwrap();
         tokio::task::yield_now().await;
         writer.write_all(b"ef").unwrap();
-        tx.send(Progress::Committed { len: 6 }).unwrap();
+        tx.send(Progress::Verified { len: 6 }).unwrap();
         let chunks = reader.await.unwrap();
         let body: Vec<u8> = chunks.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
         assert_eq!(body, b"cdef");
 
         let (tx, rx) = watch::channel(Progress::Writing { written: 6, total: None });
-        let reader = tokio::spawn(stream_range(file, 0, 6, Some(rx)).collect::<Vec<_>>());
+        let reader = tokio::spawn(stream_range(file, 0, 6, Some(rx), ()).collect::<Vec<_>>());
         tokio::task::yield_now().await;
         tx.send(Progress::Failed("digest mismatch".into())).unwrap();
         let chunks = reader.await.unwrap();

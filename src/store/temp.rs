@@ -58,20 +58,33 @@ impl TempBlob {
         self.written
     }
 
-    /// Verifies, fsyncs and renames to `dest`. On a mismatch the temp file
-    /// is removed (by drop) and nothing appears at `dest`.
-    pub fn commit(mut self, dest: &Path) -> Result<u64, CommitError> {
+    /// Verifies the content and removes the file: for blobs that are served
+    /// but not kept. Readers that opened it keep their descriptors.
+    pub fn verify_and_discard(mut self) -> Result<u64, CommitError> {
+        self.check()?;
+        Ok(self.written)
+    }
+
+    fn check(&mut self) -> Result<(), CommitError> {
         let actual = self
             .verifier
             .take()
             .expect("verifier present until commit")
             .finish();
-        if actual != self.expected {
-            return Err(CommitError::Mismatch {
+        if actual == self.expected {
+            Ok(())
+        } else {
+            Err(CommitError::Mismatch {
                 expected: self.expected.clone(),
                 actual,
-            });
+            })
         }
+    }
+
+    /// Verifies, fsyncs and renames to `dest`. On a mismatch the temp file
+    /// is removed (by drop) and nothing appears at `dest`.
+    pub fn commit(mut self, dest: &Path) -> Result<u64, CommitError> {
+        self.check()?;
         self.file.sync_all()?;
         let parent = dest.parent().expect("store paths have a parent");
         fs::create_dir_all(parent)?;
