@@ -15,6 +15,8 @@ const BLOBS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("blobs");
 const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
 /// `upstream/repo:tag` → JSON [`TagRecord`]
 const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
+/// counter name → value: the last serving process's hit/miss counts.
+const STATS: TableDefinition<&str, u64> = TableDefinition::new("stats");
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -79,6 +81,7 @@ impl Index {
         tx.open_table(BLOBS).map_err(db_err)?;
         tx.open_table(MANIFESTS).map_err(db_err)?;
         tx.open_table(TAGS).map_err(db_err)?;
+        tx.open_table(STATS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Index { db })
     }
@@ -166,6 +169,57 @@ impl Index {
                 key: key.to_owned(),
                 reason: e.to_string(),
             })
+    }
+
+    /// Every tag record, by key.
+    pub fn tags(&self) -> Result<Vec<(String, TagRecord)>, IndexError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(TAGS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            match serde_json::from_slice(v.value()) {
+                Ok(record) => out.push((k.value().to_owned(), record)),
+                Err(e) => tracing::warn!(key = k.value(), error = %e, "skipping an unreadable tag record"),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn remove_tags(&self, keys: &[String]) -> Result<(), IndexError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(TAGS)?;
+            for key in keys {
+                table.remove(key.as_str())?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn remove_manifests(&self, digests: &[Digest]) -> Result<(), IndexError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(MANIFESTS)?;
+            for digest in digests {
+                table.remove(digest.to_string().as_str())?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn put_stats(&self, counters: &[(&str, u64)]) -> Result<(), IndexError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(STATS)?;
+            for (name, value) in counters {
+                table.insert(*name, *value)?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn stat(&self, name: &str) -> Result<Option<u64>, IndexError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(STATS).map_err(db_err)?;
+        Ok(table.get(name).map_err(db_err)?.map(|v| v.value()))
     }
 
     /// Blob count and total bytes.

@@ -3,11 +3,13 @@
 //! [`start`] wires the pieces together: configuration, the cache on disk,
 //! one client per upstream, the API, and the HTTP server.
 
+pub mod admin;
 pub mod api;
 pub mod cache;
 pub mod config;
 pub mod digest;
 pub mod index;
+pub mod manifest;
 pub mod server;
 pub mod store;
 pub mod upstream;
@@ -58,7 +60,7 @@ impl RunningServer {
         let _ = self.stop.send(());
         let _ = self.task.await;
         self.api.cache().abort_fills();
-        self.api.cache().flush_access_times();
+        self.api.cache().flush();
         // Fill tasks and connections hold the cache; wait for them to let go
         // so the index file is closed when this returns.
         let mut api = self.api;
@@ -76,15 +78,15 @@ impl RunningServer {
     }
 }
 
-/// Last-access times are kept in memory and written in batches, so a
-/// cache hit costs no disk write.
-async fn flush_access_times(cache: std::sync::Weak<cache::Cache>) {
+/// Last-access times and counters are kept in memory and written in
+/// batches, so a cache hit costs no disk write.
+async fn flush_periodically(cache: std::sync::Weak<cache::Cache>) {
     let mut tick = tokio::time::interval(ACCESS_FLUSH_INTERVAL);
     tick.tick().await;
     loop {
         tick.tick().await;
         let Some(cache) = cache.upgrade() else { return };
-        let _ = tokio::task::spawn_blocking(move || cache.flush_access_times()).await;
+        let _ = tokio::task::spawn_blocking(move || cache.flush()).await;
     }
 }
 
@@ -128,7 +130,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let cache = Arc::new(cache);
     let (count, bytes) = cache.usage();
     tracing::info!(blobs = count, bytes, max_size = limits.max_size, "cache opened");
-    tokio::spawn(flush_access_times(Arc::downgrade(&cache)));
+    tokio::spawn(flush_periodically(Arc::downgrade(&cache)));
     let api = Arc::new(api::Api::new(config, upstreams, cache));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let service_api = api.clone();

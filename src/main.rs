@@ -37,6 +37,35 @@ enum Command {
     },
     /// Validate a configuration file and report every problem.
     CheckConfig { file: PathBuf },
+    /// Inspect or clean a data dir (refuses while `wharf serve` uses it).
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+        /// The data dir; default: the config file's, else ./wharf-data.
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        /// Take the data dir from this configuration file.
+        #[arg(long, global = true, env = "WHARF_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Cached tags: digest, cached bytes, last confirmed upstream, last read.
+    Ls,
+    /// Bytes, blob count, and the last serve run's hit ratio.
+    Stats,
+    /// Remove REPO[:TAG] (with what only it uses), or everything unused for --older-than.
+    Purge {
+        /// `[upstream/]repo[:tag]`, e.g. library/alpine:3.19 or ghcr.io/org/app.
+        target: Option<String>,
+        /// e.g. 30d: remove blobs not read and tags not confirmed for this long.
+        #[arg(long)]
+        older_than: Option<String>,
+    },
+    /// Re-hash every blob and manifest; move corrupt files to quarantine/.
+    Verify,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +88,28 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Cache { action, data_dir, config } => {
+            let dir = match data_dir {
+                Some(dir) => dir,
+                None => match load(config.as_deref(), &Overrides::default()) {
+                    Ok(config) => config.storage.dir,
+                    Err(message) => {
+                        eprintln!("{message}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            match cache_command(&dir, action) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("wharf cache: {message}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve { config, listen, data_dir, tag_ttl, max_size, upstreams } => {
             let overrides = Overrides { listen, data_dir, tag_ttl, max_size, upstreams };
             match load(config.as_deref(), &overrides) {
@@ -69,6 +120,39 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn cache_command(dir: &std::path::Path, action: CacheAction) -> Result<String, String> {
+    let admin = wharf::admin::Admin::open(dir).map_err(|e| e.to_string())?;
+    let purged = |p: wharf::admin::Purged| {
+        format!(
+            "removed {} tag(s), {} manifest(s), {} blob(s), {}\n",
+            p.tags,
+            p.manifests,
+            p.blobs,
+            wharf::admin::human_bytes(p.bytes)
+        )
+    };
+    match action {
+        CacheAction::Ls => admin.ls().map_err(|e| e.to_string()),
+        CacheAction::Stats => admin.stats().map_err(|e| e.to_string()),
+        CacheAction::Verify => {
+            let report = admin.verify().map_err(|e| e.to_string())?;
+            let mut text = format!("{} file(s) verified\n", report.good);
+            for path in &report.quarantined {
+                text.push_str(&format!("corrupt, moved to {}\n", path.display()));
+            }
+            Ok(text)
+        }
+        CacheAction::Purge { target, older_than } => match (target, older_than) {
+            (Some(target), None) => admin.purge_repo(&target).map(purged).map_err(|e| e.to_string()),
+            (None, Some(age)) => {
+                let age = wharf::config::parse_duration(&age).map_err(|e| format!("--older-than {age:?}: {e}"))?;
+                admin.purge_older_than(age).map(purged).map_err(|e| e.to_string())
+            }
+            _ => Err("purge takes either REPO[:TAG] or --older-than DURATION".into()),
+        },
     }
 }
 

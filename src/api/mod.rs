@@ -93,6 +93,11 @@ impl Api {
         if parts.method == Method::HEAD {
             *resp.body_mut() = empty();
         }
+        match outcome {
+            Outcome::Hit | Outcome::Revalidated | Outcome::Stale => self.cache.record(true),
+            Outcome::Miss | Outcome::Fill => self.cache.record(false),
+            Outcome::Pass | Outcome::Error => {}
+        }
         tracing::info!(
             method = %parts.method, uri = %parts.uri, status = resp.status().as_u16(),
             bytes = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-"),
@@ -109,7 +114,7 @@ impl Api {
                     .header(header::CONTENT_TYPE, "application/json")
                     .body(full("{}"))
                     .expect("static response"),
-                Outcome::Hit,
+                Outcome::Pass,
             )),
             Endpoint::Manifest { name, reference } => {
                 let (upstream, repo) = self.upstream_for(ns, &name)?;

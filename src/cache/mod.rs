@@ -101,10 +101,15 @@ pub struct Cache {
     /// Recent upstream 404s (`upstream/repo@reference`), so a storm of
     /// pulls of something missing asks upstream once.
     negative: moka::sync::Cache<String, ()>,
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
+    started_s: u64,
     /// Serialises upstream work per tag, so a storm of pulls of one stale
     /// tag makes one upstream request.
     tag_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+pub const INDEX_FILE: &str = "index.redb";
 
 /// Memory held by parsed manifests; more live on disk.
 const MANIFEST_MEMORY: u64 = 64 << 20;
@@ -112,8 +117,11 @@ const MANIFEST_MEMORY: u64 = 64 << 20;
 impl Cache {
     /// Opens the store and index under `dir` and reconciles them.
     pub fn open(dir: &std::path::Path, config: CacheConfig, limits: Limits) -> Result<Cache, CacheError> {
+        // The index lock comes first: a second process on this dir must fail
+        // before the store clears temp files the first one is writing.
+        std::fs::create_dir_all(dir)?;
+        let index = Index::open(&dir.join(INDEX_FILE))?;
         let store = Store::open(dir)?;
-        let index = Index::open(&dir.join("index.redb"))?;
         let (blobs, strays) = store.scan(Kind::Blob)?;
         let (manifests, manifest_strays) = store.scan(Kind::Manifest)?;
         for stray in strays.iter().chain(&manifest_strays) {
@@ -146,6 +154,9 @@ impl Cache {
                 .max_capacity(MANIFEST_MEMORY)
                 .build(),
             tags: RwLock::new(HashMap::new()),
+            hits: Default::default(),
+            misses: Default::default(),
+            started_s: crate::store::now_secs(),
             tag_locks: Mutex::new(HashMap::new()),
         };
         // The budget may have shrunk since the last run.
@@ -188,14 +199,24 @@ impl Cache {
         tracing::info!(evicted = removed.len(), blobs = count, bytes, "cache usage after eviction");
     }
 
-    /// Writes last-access times gathered in memory to the index.
-    pub fn flush_access_times(&self) {
+    /// Counts a request answered from cache (`hit`) or from upstream.
+    pub fn record(&self, hit: bool) {
+        let counter = if hit { &self.hits } else { &self.misses };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Writes last-access times and counters gathered in memory to the index.
+    pub fn flush(&self) {
         let touched = self.budget.take_dirty();
-        if touched.is_empty() {
-            return;
+        if !touched.is_empty() {
+            if let Err(e) = self.index.touch_blobs(&touched) {
+                tracing::warn!(error = %e, blobs = touched.len(), "could not record last-access times");
+            }
         }
-        if let Err(e) = self.index.touch_blobs(&touched) {
-            tracing::warn!(error = %e, blobs = touched.len(), "could not record last-access times");
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let counters = [("hits", load(&self.hits)), ("misses", load(&self.misses)), ("started_s", self.started_s)];
+        if let Err(e) = self.index.put_stats(&counters) {
+            tracing::warn!(error = %e, "could not record hit counters");
         }
     }
 
