@@ -110,6 +110,7 @@ fn classify_cache(subject: Subject, e: &CacheError) -> (StatusCode, &'static str
         },
         CacheError::DigestMismatch { .. } => (StatusCode::BAD_GATEWAY, "UNAVAILABLE", None),
         CacheError::FillFailed(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE", None),
+        CacheError::StorageUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", None),
         CacheError::Shared(inner) => classify_cache(subject, inner),
         CacheError::Storage(_) | CacheError::Index(_) => {
             (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", None)

@@ -8,7 +8,7 @@ pub mod error;
 mod range;
 pub mod route;
 
-use crate::cache::{BlobSource, Cache, Freshness};
+use crate::cache::{BlobSource, Cache, CacheError, Freshness};
 use crate::config::Config;
 use crate::digest::Digest;
 use crate::upstream::Upstream;
@@ -225,16 +225,20 @@ impl Api {
             };
             return Ok((base.body(empty()).expect("valid headers"), Outcome::Pass));
         }
-        let mut blob = self
-            .cache
-            .blob(upstream, repo, digest)
-            .await
-            .map_err(ApiError::cache(Subject::Blob))?;
+        let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+        let mut blob = match self.cache.blob(upstream, repo, digest).await {
+            Ok(blob) => blob,
+            Err(CacheError::StorageUnavailable(reason)) => {
+                tracing::warn!(upstream = upstream.name(), repo, %digest, reason, "disk refuses writes: streaming the blob straight from upstream, uncached");
+                return passthrough(base, upstream, repo, digest, range_header).await;
+            }
+            Err(e) => return Err(ApiError::cache(Subject::Blob)(e)),
+        };
         let outcome = match blob.source {
             BlobSource::Hit => Outcome::Hit,
             BlobSource::Fill => Outcome::Fill,
         };
-        let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        let range = match range_header {
             Some(range) => {
                 let len = blob.len().await.map_err(ApiError::cache(Subject::Blob))?;
                 Some((parse_range(range, len), len))
@@ -258,6 +262,75 @@ impl Api {
         };
         Ok((resp.expect("valid headers"), outcome))
     }
+}
+
+/// Relays a blob from upstream without the store, for when the disk
+/// refuses writes. A whole blob is verified on the way: its last chunk is
+/// held back until the digest matches. A range is relayed as is; the
+/// client checks the whole blob's digest.
+async fn passthrough(
+    base: http::response::Builder,
+    upstream: &Upstream,
+    repo: &str,
+    digest: &Digest,
+    range: Option<&str>,
+) -> Result<(Response<Body>, Outcome), ApiError> {
+    let resp = upstream
+        .get_blob(repo, digest, range)
+        .await
+        .map_err(|e| ApiError::upstream(Subject::Blob, upstream.name(), e))?;
+    let status = resp.status();
+    let mut builder = base.status(status);
+    for name in [header::CONTENT_LENGTH, header::CONTENT_RANGE] {
+        if let Some(value) = resp.headers().get(&name) {
+            builder = builder.header(name, value.clone());
+        }
+    }
+    let chunks = resp.bytes_stream().map_err(std::io::Error::other);
+    let body = if status == StatusCode::PARTIAL_CONTENT {
+        stream_body(chunks)
+    } else {
+        stream_body(verified(chunks, digest.clone()))
+    };
+    Ok((builder.body(body).expect("valid headers"), Outcome::Miss))
+}
+
+/// Passes `chunks` through, holding each back until the next arrives; the
+/// last one goes out only if the whole stream hashes to `digest`.
+fn verified(
+    chunks: impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + Unpin + 'static,
+    digest: Digest,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    use futures_util::StreamExt;
+    let verifier = crate::digest::Verifier::new(digest.algorithm());
+    futures_util::stream::unfold(
+        Some((chunks, verifier, None::<Bytes>)),
+        move |state| {
+            let digest = digest.clone();
+            async move {
+                let (mut chunks, mut verifier, mut held) = state?;
+                loop {
+                    match chunks.next().await {
+                        Some(Ok(chunk)) => {
+                            verifier.update(&chunk);
+                            if let Some(previous) = held.replace(chunk) {
+                                return Some((Ok(previous), Some((chunks, verifier, held))));
+                            }
+                        }
+                        Some(Err(e)) => return Some((Err(e), None)),
+                        None => {
+                            let actual = verifier.finish();
+                            if actual != digest {
+                                let e = std::io::Error::other(format!("upstream blob hashes to {actual}, not {digest}"));
+                                return Some((Err(e), None));
+                            }
+                            return held.map(|last| (Ok(last), None));
+                        }
+                    }
+                }
+            }
+        },
+    )
 }
 
 fn stream_body(
@@ -313,6 +386,18 @@ fn tag_page(name: &str, ns: Option<&str>, mut tags: Vec<String>, n: Option<usize
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::StreamExt;
+
+    #[tokio::test]
+    async fn verified_relay_withholds_the_end_of_a_wrong_blob() {
+        let chunks = || futures_util::stream::iter(vec![Ok(Bytes::from_static(b"ab")), Ok(Bytes::from_static(b"cd"))]);
+        let good: Vec<_> = verified(chunks(), Digest::sha256_of(b"abcd")).collect().await;
+        assert_eq!(good.into_iter().map(Result::unwrap).collect::<Vec<_>>(), vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]);
+        let bad: Vec<_> = verified(chunks(), Digest::sha256_of(b"abce")).collect().await;
+        assert_eq!(bad.len(), 2);
+        assert_eq!(bad[0].as_ref().unwrap(), &Bytes::from_static(b"ab"));
+        assert!(bad[1].is_err());
+    }
 
     #[tokio::test]
     async fn tag_pages_link_to_the_next() {

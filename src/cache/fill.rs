@@ -108,6 +108,9 @@ impl Cache {
         if let Some(blob) = self.committed_blob(digest)? {
             return Ok(blob);
         }
+        if let Some(reason) = self.storage_trouble() {
+            return Err(CacheError::StorageUnavailable(reason));
+        }
         let negative_key = format!("{}/{repo}@{digest}", upstream.name());
         if self.negative.contains_key(&negative_key) {
             return Err(CacheError::upstream(upstream, UpstreamError::NotFound));
@@ -198,7 +201,10 @@ impl Cache {
     }
 
     fn start_fill(self: &Arc<Self>, upstream: &Arc<Upstream>, repo: &str, digest: &Digest) -> Result<Arc<Fill>, CacheError> {
-        let temp = self.store.create_temp(digest)?;
+        let temp = self.store.create_temp(digest).map_err(|e| {
+            self.note_storage_trouble(&e);
+            CacheError::StorageUnavailable(e.to_string())
+        })?;
         let (tx, rx) = watch::channel(Progress::Connecting);
         let fill = Arc::new(Fill {
             progress: rx,
@@ -255,6 +261,9 @@ impl Cache {
                 tx.send_replace(Progress::Verified { len });
             }
             Err(e) => {
+                if let CacheError::Storage(io) = &e {
+                    self.note_storage_trouble(io);
+                }
                 tracing::warn!(upstream = upstream.name(), repo, %digest, error = %e, "blob fill failed; nothing committed");
                 let reason: Arc<str> = e.to_string().into();
                 let _ = fill.failure.set(Arc::new(e));
@@ -273,7 +282,7 @@ impl Cache {
         tx: &watch::Sender<Progress>,
     ) -> Result<Filled, CacheError> {
         let upstream_err = |e| CacheError::upstream(upstream, e);
-        let resp = upstream.get_blob(repo, digest).await.map_err(upstream_err)?;
+        let resp = upstream.get_blob(repo, digest, None).await.map_err(upstream_err)?;
         let total = resp.content_length();
         tx.send_replace(Progress::Writing { written: 0, total });
         let mut body = resp.bytes_stream();

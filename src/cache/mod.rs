@@ -40,6 +40,9 @@ pub enum CacheError {
     Shared(Arc<CacheError>),
     #[error("blob fill failed: {0}")]
     FillFailed(String),
+    /// The disk cannot take new blobs right now (full, read-only…).
+    #[error("cache storage unavailable: {0}")]
+    StorageUnavailable(String),
 }
 
 impl CacheError {
@@ -101,6 +104,9 @@ pub struct Cache {
     /// Recent upstream 404s (`upstream/repo@reference`), so a storm of
     /// pulls of something missing asks upstream once.
     negative: moka::sync::Cache<String, ()>,
+    /// When and why the disk last refused a write; misses bypass the
+    /// store for [`STORAGE_BACKOFF`] after it.
+    storage_trouble: Mutex<Option<(std::time::Instant, String)>>,
     hits: std::sync::atomic::AtomicU64,
     misses: std::sync::atomic::AtomicU64,
     started_s: u64,
@@ -110,6 +116,9 @@ pub struct Cache {
 }
 
 pub const INDEX_FILE: &str = "index.redb";
+
+/// How long misses stream straight from upstream after the disk refused a write.
+const STORAGE_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Memory held by parsed manifests; more live on disk.
 const MANIFEST_MEMORY: u64 = 64 << 20;
@@ -154,6 +163,7 @@ impl Cache {
                 .max_capacity(MANIFEST_MEMORY)
                 .build(),
             tags: RwLock::new(HashMap::new()),
+            storage_trouble: Mutex::new(None),
             hits: Default::default(),
             misses: Default::default(),
             started_s: crate::store::now_secs(),
@@ -197,6 +207,22 @@ impl Cache {
         }
         let (count, bytes) = self.budget.usage();
         tracing::info!(evicted = removed.len(), blobs = count, bytes, "cache usage after eviction");
+    }
+
+    /// Remembers that the disk refused a write, and frees space if the
+    /// budget allows, so the next misses stream past the store.
+    fn note_storage_trouble(&self, e: &io::Error) {
+        tracing::error!(error = %e, "cache storage refused a write; misses will stream straight from upstream for {}s", STORAGE_BACKOFF.as_secs());
+        *self.storage_trouble.lock().expect("storage lock") = Some((std::time::Instant::now(), e.to_string()));
+    }
+
+    /// The reason misses must bypass the store, while that holds.
+    fn storage_trouble(&self) -> Option<String> {
+        let trouble = self.storage_trouble.lock().expect("storage lock");
+        trouble
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < STORAGE_BACKOFF)
+            .map(|(_, reason)| reason.clone())
     }
 
     /// Counts a request answered from cache (`hit`) or from upstream.

@@ -150,10 +150,17 @@ impl Upstream {
         })
     }
 
-    /// Starts a blob download; the caller streams the body.
-    pub async fn get_blob(&self, repo: &str, digest: &Digest) -> Result<reqwest::Response, UpstreamError> {
+    /// Starts a blob download, optionally of a byte range; the caller
+    /// streams the body.
+    pub async fn get_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        range: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let url = self.url(repo, &format!("blobs/{digest}"));
-        self.send(Method::GET, &url, repo, "*/*").await
+        let range = range.map(|r| (http::header::RANGE, r));
+        self.send_with(Method::GET, &url, repo, "*/*", range).await
     }
 
     /// The blob's size, if upstream says.
@@ -245,12 +252,26 @@ impl Upstream {
         repo: &str,
         accept: &str,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_with(method, url, repo, accept, None).await
+    }
+
+    async fn send_with(
+        &self,
+        method: Method,
+        url: &str,
+        repo: &str,
+        accept: &str,
+        extra: Option<(http::header::HeaderName, &str)>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let scope = format!("repository:{repo}:pull");
         let mut challenged = false;
         loop {
             let mut request = self.http.request(method.clone(), url).header(ACCEPT, accept);
             if let Some(authorization) = self.tokens.get(&scope) {
                 request = request.header(AUTHORIZATION, authorization);
+            }
+            if let Some((name, value)) = &extra {
+                request = request.header(name.clone(), *value);
             }
             let resp = match tokio::time::timeout(self.config.response_timeout, request.send()).await {
                 Err(_) => return Err(UpstreamError::Timeout("response headers")),
