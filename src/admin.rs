@@ -6,7 +6,7 @@ use crate::cache::INDEX_FILE;
 use crate::digest::{Digest, Verifier};
 use crate::index::{Index, IndexError, TagRecord};
 use crate::manifest::references;
-use crate::store::{now_secs, Kind, Store};
+use crate::store::{now_ms, Kind, Store};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::{self, Read};
@@ -77,19 +77,31 @@ impl Admin {
         );
         let mut tags = self.index.tags()?;
         tags.sort_by(|a, b| a.0.cmp(&b.0));
-        let now = now_secs();
+        let now = now_ms();
         for (key, record) in tags {
             let (manifests, blob_set) = self.reachable(std::iter::once(&record));
-            let cached: u64 = blob_set.iter().filter_map(|d| blobs.get(d)).map(|(s, _)| s).sum();
-            let last_read = blob_set.iter().filter_map(|d| blobs.get(d)).map(|(_, a)| *a).max();
+            let cached: u64 = blob_set
+                .iter()
+                .filter_map(|d| blobs.get(d))
+                .map(|(s, _)| s)
+                .sum();
+            let last_read = blob_set
+                .iter()
+                .filter_map(|d| blobs.get(d))
+                .map(|(_, a)| *a)
+                .max();
             let short = record.digest.get(..19).unwrap_or(&record.digest);
             let _ = writeln!(
                 out,
                 "{key:<60} {short:<19} {:>10} {:>12} {:>12}{}",
                 human_bytes(cached),
-                ago(now, record.confirmed_ms / 1000),
+                ago(now, record.confirmed_ms),
                 last_read.map_or("-".into(), |a| ago(now, a)),
-                if manifests.is_empty() { "  (manifest not cached)" } else { "" },
+                if manifests.is_empty() {
+                    "  (manifest not cached)"
+                } else {
+                    ""
+                },
             );
         }
         Ok(out)
@@ -107,8 +119,10 @@ impl Admin {
         };
         let since = self
             .index
-            .stat("started_s")?
-            .map_or("never served".to_string(), |s| format!("serve started {}", ago(now_secs(), s)));
+            .stat("started_ms")?
+            .map_or("never served".to_string(), |s| {
+                format!("serve started {}", ago(now_ms(), s))
+            });
         Ok(format!(
             "blobs:      {count}\nbytes:      {bytes} ({})\ntags:       {tags}\nhit ratio:  {ratio} ({hits} hits, {misses} misses; last serve run, {since})\n",
             human_bytes(bytes)
@@ -123,24 +137,30 @@ impl Admin {
             _ => (pattern, None),
         };
         let matches = |key: &str| {
-            let Some((key_repo, key_tag)) = key.rsplit_once(':') else { return false };
+            let Some((key_repo, key_tag)) = key.rsplit_once(':') else {
+                return false;
+            };
             let repo_matches = key_repo == repo
                 || key_repo.split_once('/').is_some_and(|(_, r)| r == repo)
                 || key_repo.ends_with(&format!("/library/{repo}"));
             repo_matches && tag.is_none_or(|t| t == key_tag)
         };
-        let (doomed, kept): (Vec<_>, Vec<_>) = self.index.tags()?.into_iter().partition(|(k, _)| matches(k));
+        let (doomed, kept): (Vec<_>, Vec<_>) = self
+            .index
+            .tags()?
+            .into_iter()
+            .partition(|(k, _)| matches(k));
         self.remove_unreachable(doomed, kept, |_, _| true)
     }
 
     /// Removes blobs not read, and tags not confirmed, for `age`.
     pub fn purge_older_than(&self, age: Duration) -> Result<Purged, AdminError> {
-        let cutoff = now_secs().saturating_sub(age.as_secs());
+        let cutoff = now_ms().saturating_sub(age.as_millis() as u64);
         let (doomed, kept): (Vec<_>, Vec<_>) = self
             .index
             .tags()?
             .into_iter()
-            .partition(|(_, r)| r.confirmed_ms / 1000 < cutoff);
+            .partition(|(_, r)| r.confirmed_ms < cutoff);
         let blobs = self.blob_table()?;
         let mut purged = self.remove_unreachable(doomed, kept, |d, table| {
             table.get(d).is_some_and(|(_, access)| *access < cutoff)
@@ -164,7 +184,7 @@ impl Admin {
         let mut report = Verified::default();
         let quarantine = self.store.root().join("quarantine");
         for kind in [Kind::Blob, Kind::Manifest] {
-            let (files, _) = self.store.scan(kind)?;
+            let files = self.store.scan(kind)?.found;
             for (digest, _) in files {
                 let path = self.store.path(kind, &digest);
                 if hash_file(&path, &digest)? == digest {
@@ -172,7 +192,8 @@ impl Admin {
                     continue;
                 }
                 std::fs::create_dir_all(&quarantine)?;
-                let dest = quarantine.join(format!("{}-{}", digest.algorithm().name(), digest.hex()));
+                let dest =
+                    quarantine.join(format!("{}-{}", digest.algorithm().name(), digest.hex()));
                 std::fs::rename(&path, &dest)?;
                 match kind {
                     Kind::Blob => self.index.remove_blobs(std::slice::from_ref(&digest))?,
@@ -194,12 +215,17 @@ impl Admin {
     }
 
     /// Manifests and blobs reachable from `tags`, through indexes.
-    fn reachable<'a>(&self, tags: impl Iterator<Item = &'a TagRecord>) -> (HashSet<Digest>, HashSet<Digest>) {
+    fn reachable<'a>(
+        &self,
+        tags: impl Iterator<Item = &'a TagRecord>,
+    ) -> (HashSet<Digest>, HashSet<Digest>) {
         let mut manifests = HashSet::new();
         let mut blobs = HashSet::new();
         let mut queue: Vec<Digest> = tags.filter_map(|r| r.digest.parse().ok()).collect();
         while let Some(digest) = queue.pop() {
-            let Ok(Some(bytes)) = self.store.read_small(Kind::Manifest, &digest) else { continue };
+            let Ok(Some(bytes)) = self.store.read_small(Kind::Manifest, &digest) else {
+                continue;
+            };
             if !manifests.insert(digest) {
                 continue;
             }
@@ -223,7 +249,10 @@ impl Admin {
         let (kept_manifests, kept_blobs) = self.reachable(kept.iter().map(|(_, r)| r));
         let keys: Vec<String> = doomed.into_iter().map(|(k, _)| k).collect();
         self.index.remove_tags(&keys)?;
-        let manifests: Vec<Digest> = doomed_manifests.difference(&kept_manifests).cloned().collect();
+        let manifests: Vec<Digest> = doomed_manifests
+            .difference(&kept_manifests)
+            .cloned()
+            .collect();
         for digest in &manifests {
             self.store.remove(Kind::Manifest, digest)?;
         }
@@ -280,8 +309,9 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// `now` and `then` in unix milliseconds.
 fn ago(now: u64, then: u64) -> String {
-    let secs = now.saturating_sub(then);
+    let secs = now.saturating_sub(then) / 1000;
     match secs {
         0..=119 => format!("{secs}s ago"),
         120..=7199 => format!("{}m ago", secs / 60),
@@ -310,16 +340,22 @@ mod tests {
         let only_a = blob(b"a's layer");
         let only_b = blob(b"b's layer");
         for (name, own) in [("a", &only_a), ("b", &only_b)] {
-            let m = format!(r#"{{"layers":[{{"digest":"{base}","size":10}},{{"digest":"{own}","size":9}}]}}"#);
+            let m = format!(
+                r#"{{"layers":[{{"digest":"{base}","size":10}},{{"digest":"{own}","size":9}}]}}"#
+            );
             let d = Digest::sha256_of(m.as_bytes());
             store.write_small(Kind::Manifest, &d, m.as_bytes()).unwrap();
-            index.put_manifest(&d, "application/vnd.oci.image.manifest.v1+json").unwrap();
+            index
+                .put_manifest(&d, "application/vnd.oci.image.manifest.v1+json")
+                .unwrap();
             let record = TagRecord {
                 digest: d.to_string(),
                 media_type: "application/vnd.oci.image.manifest.v1+json".into(),
                 confirmed_ms: unix_ms(std::time::SystemTime::now()),
             };
-            index.put_tag(&format!("docker.io/library/{name}:1"), &record).unwrap();
+            index
+                .put_tag(&format!("docker.io/library/{name}:1"), &record)
+                .unwrap();
         }
         (dir, base, only_a, only_b)
     }
@@ -331,7 +367,15 @@ mod tests {
         let listing = admin.ls().unwrap();
         assert!(listing.contains("docker.io/library/a:1"), "{listing}");
         let purged = admin.purge_repo("a").unwrap();
-        assert_eq!(purged, Purged { tags: 1, manifests: 1, blobs: 1, bytes: 9 });
+        assert_eq!(
+            purged,
+            Purged {
+                tags: 1,
+                manifests: 1,
+                blobs: 1,
+                bytes: 9
+            }
+        );
         assert!(!admin.store.contains(Kind::Blob, &only_a));
         assert!(admin.store.contains(Kind::Blob, &base));
         assert!(admin.store.contains(Kind::Blob, &only_b));
@@ -343,15 +387,24 @@ mod tests {
     fn purge_older_than_spares_recent_content() {
         let (dir, ..) = seeded();
         let admin = Admin::open(dir.path()).unwrap();
-        assert_eq!(admin.purge_older_than(Duration::from_secs(3600)).unwrap(), Purged::default());
+        assert_eq!(
+            admin.purge_older_than(Duration::from_secs(3600)).unwrap(),
+            Purged::default()
+        );
+        std::thread::sleep(Duration::from_millis(5));
         let all = admin.purge_older_than(Duration::ZERO).unwrap();
-        assert_eq!(all.tags, 0, "tags confirmed this second are not older than 0 s");
+        assert_eq!((all.tags, all.manifests, all.blobs), (2, 2, 3));
+        assert!(admin.stats().unwrap().contains("blobs:      0"));
     }
 
     #[test]
     fn verify_quarantines_corrupt_files() {
         let (dir, base, ..) = seeded();
-        std::fs::write(Store::open(dir.path()).unwrap().path(Kind::Blob, &base), b"bit rot").unwrap();
+        std::fs::write(
+            Store::open(dir.path()).unwrap().path(Kind::Blob, &base),
+            b"bit rot",
+        )
+        .unwrap();
         let admin = Admin::open(dir.path()).unwrap();
         let report = admin.verify().unwrap();
         assert_eq!(report.quarantined.len(), 1);
@@ -365,6 +418,9 @@ mod tests {
         let (dir, ..) = seeded();
         let _serving = Index::open(&dir.path().join(INDEX_FILE)).unwrap();
         let err = Admin::open(dir.path()).err().expect("must refuse");
-        assert!(err.to_string().contains("stop `wharf serve` first"), "{err}");
+        assert!(
+            err.to_string().contains("stop `wharf serve` first"),
+            "{err}"
+        );
     }
 }

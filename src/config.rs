@@ -108,7 +108,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "invalid configuration ({} problem(s)):", self.issues.len())?;
+        writeln!(
+            f,
+            "invalid configuration ({} problem(s)):",
+            self.issues.len()
+        )?;
         for issue in &self.issues {
             writeln!(f, "  {}: {}", issue.key, issue.message)?;
         }
@@ -196,7 +200,11 @@ impl Config {
         }
 
         let cache = r.table(&root, "cache");
-        r.unknown_keys(cache, "cache.", &["tag_ttl", "stale_if_error", "negative_ttl"]);
+        r.unknown_keys(
+            cache,
+            "cache.",
+            &["tag_ttl", "stale_if_error", "negative_ttl"],
+        );
         let tag_ttl = match &overrides.tag_ttl {
             Some(text) => r.parse_with("cache.tag_ttl", text, parse_duration),
             None => r.duration(cache, "cache.tag_ttl"),
@@ -349,7 +357,10 @@ impl Reader {
         match table.get(key)? {
             Value::String(s) => Some(s.clone()),
             other => {
-                self.issue(path, format!("expected a string, found {}", other.type_str()));
+                self.issue(
+                    path,
+                    format!("expected a string, found {}", other.type_str()),
+                );
                 None
             }
         }
@@ -360,7 +371,10 @@ impl Reader {
         match table.get(key)? {
             Value::Boolean(b) => Some(*b),
             other => {
-                self.issue(path, format!("expected true or false, found {}", other.type_str()));
+                self.issue(
+                    path,
+                    format!("expected true or false, found {}", other.type_str()),
+                );
                 None
             }
         }
@@ -371,13 +385,19 @@ impl Reader {
         let key = path.rsplit('.').next().expect("split yields one part");
         let value = match table.get(key)? {
             Value::Float(f) => Some(*f),
-            Value::String(s) => s.strip_suffix('%').and_then(|p| p.trim().parse::<f64>().ok()).map(|p| p / 100.0),
+            Value::String(s) => s
+                .strip_suffix('%')
+                .and_then(|p| p.trim().parse::<f64>().ok())
+                .map(|p| p / 100.0),
             _ => None,
         };
         match value {
             Some(f) if f > 0.0 && f <= 1.0 => Some(f),
             _ => {
-                self.issue(path, "expected a percentage such as \"90%\" (or a fraction such as 0.9)");
+                self.issue(
+                    path,
+                    "expected a percentage such as \"90%\" (or a fraction such as 0.9)",
+                );
                 None
             }
         }
@@ -486,7 +506,10 @@ impl Reader {
             let ca_file = self.string(t, &key("ca_file")).map(PathBuf::from);
             if let Some(path) = &ca_file {
                 if !path.is_file() {
-                    self.issue(&key("ca_file"), format!("{} is not a readable file", path.display()));
+                    self.issue(
+                        &key("ca_file"),
+                        format!("{} is not a readable file", path.display()),
+                    );
                 }
             }
             let auth_realms = match t.get("auth_realms") {
@@ -573,7 +596,10 @@ impl Reader {
                 );
             }
             if upstreams[..i].iter().any(|o| o.name == u.name) {
-                self.issue(&format!("upstream[{i}].name"), format!("{:?} is used twice", u.name));
+                self.issue(
+                    &format!("upstream[{i}].name"),
+                    format!("{:?} is used twice", u.name),
+                );
             }
         }
     }
@@ -590,8 +616,14 @@ mod tests {
         assert_eq!(c.storage.dir, PathBuf::from("./wharf-data"));
         assert_eq!(c.cache.tag_ttl, Duration::from_secs(300));
         let names: Vec<_> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
-        assert_eq!(names, ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"]);
-        assert_eq!(c.default_upstream().url.as_str(), "https://registry-1.docker.io/");
+        assert_eq!(
+            names,
+            ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"]
+        );
+        assert_eq!(
+            c.default_upstream().url.as_str(),
+            "https://registry-1.docker.io/"
+        );
     }
 
     #[test]
@@ -694,10 +726,20 @@ mod tests {
             "[storage]\nmax_size = 1000\nhigh_watermark = \"95%\"\nlow_watermark = 0.5\n",
         )
         .unwrap();
-        assert_eq!((c.storage.max_size, c.storage.high_watermark, c.storage.low_watermark), (1000, 0.95, 0.5));
-        let err = Config::from_toml_str("[storage]\nhigh_watermark = \"50%\"\nlow_watermark = \"60%\"\n").unwrap_err();
+        assert_eq!(
+            (
+                c.storage.max_size,
+                c.storage.high_watermark,
+                c.storage.low_watermark
+            ),
+            (1000, 0.95, 0.5)
+        );
+        let err =
+            Config::from_toml_str("[storage]\nhigh_watermark = \"50%\"\nlow_watermark = \"60%\"\n")
+                .unwrap_err();
         assert_eq!(err.issues[0].key, "storage.low_watermark");
-        let err = Config::from_toml_str("[storage]\nmax_size = \"big\"\nhigh_watermark = 2.0\n").unwrap_err();
+        let err = Config::from_toml_str("[storage]\nmax_size = \"big\"\nhigh_watermark = 2.0\n")
+            .unwrap_err();
         let keys: Vec<_> = err.issues.iter().map(|i| i.key.as_str()).collect();
         assert_eq!(keys, ["storage.max_size", "storage.high_watermark"]);
     }

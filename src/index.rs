@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// digest → (size in bytes, last access in unix seconds)
+/// digest → (size in bytes, last access in unix milliseconds)
 const BLOBS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("blobs");
 /// digest → media type
 const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
@@ -22,15 +22,27 @@ const STATS: TableDefinition<&str, u64> = TableDefinition::new("stats");
 pub enum IndexError {
     #[error("the index {0} is in use by another wharf process (stop it, or use another data dir)")]
     InUse(String),
+    // Boxed: redb's error is large and every Result in the crate carries this.
     #[error("index: {0}")]
-    Db(#[from] redb::Error),
+    Db(Box<redb::Error>),
     #[error("index record {key:?} is unreadable: {reason}")]
     Corrupt { key: String, reason: String },
 }
 
 fn db_err<E: Into<redb::Error>>(e: E) -> IndexError {
-    IndexError::Db(e.into())
+    IndexError::Db(Box::new(e.into()))
 }
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for IndexError {
+            fn from(e: $t) -> IndexError {
+                db_err(e)
+            }
+        }
+    )*};
+}
+from_redb!(redb::TableError, redb::StorageError);
 
 /// What a tag pointed to when upstream last confirmed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,7 +54,8 @@ pub struct TagRecord {
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub struct Index {
@@ -87,9 +100,10 @@ impl Index {
     }
 
     pub fn put_blob(&self, digest: &Digest, size: u64) -> Result<(), IndexError> {
-        let now = unix_ms(SystemTime::now()) / 1000;
+        let now = unix_ms(SystemTime::now());
         self.write(|tx| {
-            tx.open_table(BLOBS)?.insert(digest.to_string().as_str(), (size, now))?;
+            tx.open_table(BLOBS)?
+                .insert(digest.to_string().as_str(), (size, now))?;
             Ok(())
         })
     }
@@ -119,7 +133,7 @@ impl Index {
         })
     }
 
-    /// Every indexed blob: digest, size, last access (unix seconds).
+    /// Every indexed blob: digest, size, last access (unix milliseconds).
     pub fn blobs(&self) -> Result<Vec<(Digest, u64, u64)>, IndexError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(BLOBS).map_err(db_err)?;
@@ -180,7 +194,9 @@ impl Index {
             let (k, v) = entry.map_err(db_err)?;
             match serde_json::from_slice(v.value()) {
                 Ok(record) => out.push((k.value().to_owned(), record)),
-                Err(e) => tracing::warn!(key = k.value(), error = %e, "skipping an unreadable tag record"),
+                Err(e) => {
+                    tracing::warn!(key = k.value(), error = %e, "skipping an unreadable tag record")
+                }
             }
         }
         Ok(out)
@@ -244,7 +260,7 @@ impl Index {
         sniff: impl Fn(&Digest) -> Option<String>,
     ) -> Result<Reconciled, IndexError> {
         let mut result = Reconciled::default();
-        let now = unix_ms(SystemTime::now()) / 1000;
+        let now = unix_ms(SystemTime::now());
         self.write(|tx| {
             let mut blobs = tx.open_table(BLOBS)?;
             let on_disk: std::collections::HashMap<String, u64> = blobs_on_disk
@@ -299,7 +315,7 @@ impl Index {
 
     fn write(
         &self,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), IndexError>,
     ) -> Result<(), IndexError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         f(&tx)?;
@@ -329,8 +345,14 @@ mod tests {
             assert!(matches!(Index::open(&path), Err(IndexError::InUse(_))));
         }
         let index = Index::open(&path).unwrap();
-        assert_eq!(index.tag("docker.io/library/a:1").unwrap(), Some(tag.clone()));
-        assert_eq!(index.manifest_type(&d).unwrap().as_deref(), Some(tag.media_type.as_str()));
+        assert_eq!(
+            index.tag("docker.io/library/a:1").unwrap(),
+            Some(tag.clone())
+        );
+        assert_eq!(
+            index.manifest_type(&d).unwrap().as_deref(),
+            Some(tag.media_type.as_str())
+        );
         assert_eq!(index.blob_totals().unwrap(), (1, 7));
         index.touch_blobs(&[(d.clone(), 99)]).unwrap();
         assert_eq!(index.blobs().unwrap(), vec![(d.clone(), 7, 99)]);
@@ -349,9 +371,19 @@ mod tests {
         index.put_blob(&kept, 4).unwrap();
         index.put_manifest(&gone, "t").unwrap();
         let r = index
-            .reconcile(&[(kept.clone(), 4), (found.clone(), 5)], &[found.clone()], |_| Some("x".into()))
+            .reconcile(
+                &[(kept.clone(), 4), (found.clone(), 5)],
+                std::slice::from_ref(&found),
+                |_| Some("x".into()),
+            )
             .unwrap();
-        assert_eq!(r, Reconciled { added: 2, dropped: 2 });
+        assert_eq!(
+            r,
+            Reconciled {
+                added: 2,
+                dropped: 2
+            }
+        );
         assert_eq!(index.blob_totals().unwrap(), (2, 9));
         assert_eq!(index.manifest_type(&found).unwrap().as_deref(), Some("x"));
         assert_eq!(index.manifest_type(&gone).unwrap(), None);

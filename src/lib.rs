@@ -111,10 +111,12 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .upstreams
         .iter()
         .map(|u| {
-            upstream::Upstream::new(u.clone()).map(Arc::new).map_err(|reason| StartError::Upstream {
-                name: u.name.clone(),
-                reason,
-            })
+            upstream::Upstream::new(u.clone())
+                .map(Arc::new)
+                .map_err(|reason| StartError::Upstream {
+                    name: u.name.clone(),
+                    reason,
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -129,7 +131,12 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     })?;
     let cache = Arc::new(cache);
     let (count, bytes) = cache.usage();
-    tracing::info!(blobs = count, bytes, max_size = limits.max_size, "cache opened");
+    tracing::info!(
+        blobs = count,
+        bytes,
+        max_size = limits.max_size,
+        "cache opened"
+    );
     tokio::spawn(flush_periodically(Arc::downgrade(&cache)));
     let api = Arc::new(api::Api::new(config, upstreams, cache));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

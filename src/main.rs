@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use wharf::config::{Config, Overrides};
 
 #[derive(Parser)]
-#[command(version, about = "A pull-through caching proxy for container registries")]
+#[command(
+    version,
+    about = "A pull-through caching proxy for container registries"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -88,7 +91,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Cache { action, data_dir, config } => {
+        Command::Cache {
+            action,
+            data_dir,
+            config,
+        } => {
             let dir = match data_dir {
                 Some(dir) => dir,
                 None => match load(config.as_deref(), &Overrides::default()) {
@@ -110,8 +117,21 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Serve { config, listen, data_dir, tag_ttl, max_size, upstreams } => {
-            let overrides = Overrides { listen, data_dir, tag_ttl, max_size, upstreams };
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+            tag_ttl,
+            max_size,
+            upstreams,
+        } => {
+            let overrides = Overrides {
+                listen,
+                data_dir,
+                tag_ttl,
+                max_size,
+                upstreams,
+            };
             match load(config.as_deref(), &overrides) {
                 Ok(config) => serve(config),
                 Err(message) => {
@@ -146,10 +166,17 @@ fn cache_command(dir: &std::path::Path, action: CacheAction) -> Result<String, S
             Ok(text)
         }
         CacheAction::Purge { target, older_than } => match (target, older_than) {
-            (Some(target), None) => admin.purge_repo(&target).map(purged).map_err(|e| e.to_string()),
+            (Some(target), None) => admin
+                .purge_repo(&target)
+                .map(purged)
+                .map_err(|e| e.to_string()),
             (None, Some(age)) => {
-                let age = wharf::config::parse_duration(&age).map_err(|e| format!("--older-than {age:?}: {e}"))?;
-                admin.purge_older_than(age).map(purged).map_err(|e| e.to_string())
+                let age = wharf::config::parse_duration(&age)
+                    .map_err(|e| format!("--older-than {age:?}: {e}"))?;
+                admin
+                    .purge_older_than(age)
+                    .map(purged)
+                    .map_err(|e| e.to_string())
             }
             _ => Err("purge takes either REPO[:TAG] or --older-than DURATION".into()),
         },
@@ -158,7 +185,9 @@ fn cache_command(dir: &std::path::Path, action: CacheAction) -> Result<String, S
 
 fn load(file: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
     let text = match file {
-        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
+        }
         None => String::new(),
     };
     Config::load(&text, overrides).map_err(|e| match file {

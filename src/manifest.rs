@@ -32,7 +32,12 @@ pub fn references(bytes: &[u8]) -> References {
     };
     let parse = |d: Descriptor| d.digest.parse().ok().map(|digest| (digest, d.size));
     References {
-        blobs: doc.config.into_iter().chain(doc.layers).filter_map(parse).collect(),
+        blobs: doc
+            .config
+            .into_iter()
+            .chain(doc.layers)
+            .filter_map(parse)
+            .collect(),
         manifests: doc.manifests.into_iter().filter_map(parse).collect(),
     }
 }
@@ -50,7 +55,10 @@ mod tests {
         );
         assert_eq!(
             references(image.as_bytes()),
-            References { blobs: vec![(a.clone(), 1), (b, 2)], manifests: vec![] }
+            References {
+                blobs: vec![(a.clone(), 1), (b, 2)],
+                manifests: vec![]
+            }
         );
         let index = format!(r#"{{"manifests":[{{"digest":"{a}","size":3,"platform":{{}}}}]}}"#);
         assert_eq!(references(index.as_bytes()).manifests, vec![(a, 3)]);

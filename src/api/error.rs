@@ -23,7 +23,10 @@ pub enum ApiError {
     #[error(transparent)]
     Route(#[from] RouteError),
     #[error("{source}")]
-    Cache { subject: Subject, source: CacheError },
+    Cache {
+        subject: Subject,
+        source: CacheError,
+    },
     #[error("requested range not satisfiable (blob is {len} bytes)")]
     RangeNotSatisfiable { len: u64 },
 }
@@ -59,7 +62,9 @@ impl ApiError {
                 RouteError::QueryInvalid(_) => (StatusCode::BAD_REQUEST, "UNSUPPORTED", None),
                 RouteError::UnknownUpstream(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN", None),
             },
-            ApiError::RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "UNSUPPORTED", None),
+            ApiError::RangeNotSatisfiable { .. } => {
+                (StatusCode::RANGE_NOT_SATISFIABLE, "UNSUPPORTED", None)
+            }
             ApiError::Cache { subject, source } => classify_cache(*subject, source),
         }
     }
@@ -99,9 +104,11 @@ fn classify_cache(subject: Subject, e: &CacheError) -> (StatusCode, &'static str
                 (StatusCode::NOT_FOUND, code, None)
             }
             UpstreamError::Denied(_) => (StatusCode::FORBIDDEN, "DENIED", None),
-            UpstreamError::RateLimited { retry_after } => {
-                (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", retry_after.clone())
-            }
+            UpstreamError::RateLimited { retry_after } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                retry_after.clone(),
+            ),
             UpstreamError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE", None),
             UpstreamError::Status(_)
             | UpstreamError::Connect(_)
@@ -139,16 +146,28 @@ mod tests {
 
     #[test]
     fn outages_are_bad_gateway_and_name_the_upstream() {
-        let e = ApiError::upstream(Subject::Manifest, "ghcr.io", UpstreamError::Connect("refused".into()));
+        let e = ApiError::upstream(
+            Subject::Manifest,
+            "ghcr.io",
+            UpstreamError::Connect("refused".into()),
+        );
         assert!(e.to_string().contains("ghcr.io"));
         assert_eq!(e.classify().0, StatusCode::BAD_GATEWAY);
-        let e = ApiError::upstream(Subject::Blob, "x", UpstreamError::RateLimited { retry_after: Some("7".into()) });
+        let e = ApiError::upstream(
+            Subject::Blob,
+            "x",
+            UpstreamError::RateLimited {
+                retry_after: Some("7".into()),
+            },
+        );
         let resp = e.into_response();
         assert_eq!(resp.status(), 429);
         assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
         let shared = ApiError::Cache {
             subject: Subject::Blob,
-            source: CacheError::Shared(std::sync::Arc::new(CacheError::Storage(std::io::Error::other("disk")))),
+            source: CacheError::Shared(std::sync::Arc::new(CacheError::Storage(
+                std::io::Error::other("disk"),
+            ))),
         };
         assert!(shared.is_internal());
     }

@@ -26,7 +26,9 @@ use std::time::Instant;
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn empty() -> Body {
@@ -106,7 +108,11 @@ impl Api {
         with_api_version(resp)
     }
 
-    async fn answer(&self, route: Route, headers: &HeaderMap) -> Result<(Response<Body>, Outcome), ApiError> {
+    async fn answer(
+        &self,
+        route: Route,
+        headers: &HeaderMap,
+    ) -> Result<(Response<Body>, Outcome), ApiError> {
         let ns = route.ns.as_deref();
         match route.endpoint {
             Endpoint::Base => Ok((
@@ -122,7 +128,8 @@ impl Api {
             }
             Endpoint::Blob { name, digest } => {
                 let (upstream, repo) = self.upstream_for(ns, &name)?;
-                self.blob(upstream, &repo, &digest, route.head, headers).await
+                self.blob(upstream, &repo, &digest, route.head, headers)
+                    .await
             }
             Endpoint::TagsList { name, n, last } => {
                 let (upstream, repo) = self.upstream_for(ns, &name)?;
@@ -132,7 +139,11 @@ impl Api {
                     .map_err(|e| ApiError::upstream(Subject::Repository, upstream.name(), e))?;
                 Ok((tag_page(&name, ns, tags, n, last.as_deref()), Outcome::Pass))
             }
-            Endpoint::Referrers { name, digest, artifact_type } => {
+            Endpoint::Referrers {
+                name,
+                digest,
+                artifact_type,
+            } => {
                 let (upstream, repo) = self.upstream_for(ns, &name)?;
                 let (bytes, media_type) = upstream
                     .get_referrers(&repo, &digest, artifact_type.as_deref())
@@ -142,14 +153,25 @@ impl Api {
                     .header(header::CONTENT_TYPE, media_type)
                     .header(header::CONTENT_LENGTH, bytes.len())
                     .body(full(bytes))
-                    .map_err(|_| ApiError::upstream(Subject::Manifest, upstream.name(),
-                        crate::upstream::UpstreamError::Protocol("unusable Content-Type".into())))?;
+                    .map_err(|_| {
+                        ApiError::upstream(
+                            Subject::Manifest,
+                            upstream.name(),
+                            crate::upstream::UpstreamError::Protocol(
+                                "unusable Content-Type".into(),
+                            ),
+                        )
+                    })?;
                 Ok((resp, Outcome::Pass))
             }
         }
     }
 
-    fn upstream_for(&self, ns: Option<&str>, name: &str) -> Result<(&Arc<Upstream>, String), ApiError> {
+    fn upstream_for(
+        &self,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<(&Arc<Upstream>, String), ApiError> {
         let (config, repo) = route::select_upstream(&self.config.upstreams, ns, name)?;
         let upstream = self
             .upstreams
@@ -187,7 +209,10 @@ impl Api {
             Freshness::Fetched => Outcome::Miss,
             Freshness::Stale { reason } => {
                 tracing::warn!(upstream = upstream.name(), repo, reference = %reference, "{reason}");
-                let warning = format!("110 wharf \"Response is stale: {}\"", reason.replace('"', "'"));
+                let warning = format!(
+                    "110 wharf \"Response is stale: {}\"",
+                    reason.replace('"', "'")
+                );
                 if let Ok(v) = HeaderValue::from_str(&warning) {
                     resp = resp.header(header::WARNING, v);
                 }
@@ -240,13 +265,18 @@ impl Api {
         };
         let range = match range_header {
             Some(range) => {
-                let len = blob.len().await.map_err(ApiError::cache(Subject::Blob))?;
+                let len = blob
+                    .total_len()
+                    .await
+                    .map_err(ApiError::cache(Subject::Blob))?;
                 Some((parse_range(range, len), len))
             }
             None => None,
         };
         let resp = match range {
-            Some((RangeAnswer::Unsatisfiable, len)) => return Err(ApiError::RangeNotSatisfiable { len }),
+            Some((RangeAnswer::Unsatisfiable, len)) => {
+                return Err(ApiError::RangeNotSatisfiable { len })
+            }
             Some((RangeAnswer::Partial { start, end }, len)) => base
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
@@ -303,34 +333,33 @@ fn verified(
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
     use futures_util::StreamExt;
     let verifier = crate::digest::Verifier::new(digest.algorithm());
-    futures_util::stream::unfold(
-        Some((chunks, verifier, None::<Bytes>)),
-        move |state| {
-            let digest = digest.clone();
-            async move {
-                let (mut chunks, mut verifier, mut held) = state?;
-                loop {
-                    match chunks.next().await {
-                        Some(Ok(chunk)) => {
-                            verifier.update(&chunk);
-                            if let Some(previous) = held.replace(chunk) {
-                                return Some((Ok(previous), Some((chunks, verifier, held))));
-                            }
+    futures_util::stream::unfold(Some((chunks, verifier, None::<Bytes>)), move |state| {
+        let digest = digest.clone();
+        async move {
+            let (mut chunks, mut verifier, mut held) = state?;
+            loop {
+                match chunks.next().await {
+                    Some(Ok(chunk)) => {
+                        verifier.update(&chunk);
+                        if let Some(previous) = held.replace(chunk) {
+                            return Some((Ok(previous), Some((chunks, verifier, held))));
                         }
-                        Some(Err(e)) => return Some((Err(e), None)),
-                        None => {
-                            let actual = verifier.finish();
-                            if actual != digest {
-                                let e = std::io::Error::other(format!("upstream blob hashes to {actual}, not {digest}"));
-                                return Some((Err(e), None));
-                            }
-                            return held.map(|last| (Ok(last), None));
+                    }
+                    Some(Err(e)) => return Some((Err(e), None)),
+                    None => {
+                        let actual = verifier.finish();
+                        if actual != digest {
+                            let e = std::io::Error::other(format!(
+                                "upstream blob hashes to {actual}, not {digest}"
+                            ));
+                            return Some((Err(e), None));
                         }
+                        return held.map(|last| (Ok(last), None));
                     }
                 }
             }
-        },
-    )
+        }
+    })
 }
 
 fn stream_body(
@@ -358,7 +387,13 @@ fn joined_header(headers: &HeaderMap, name: header::HeaderName) -> Option<String
 
 /// One page of a tag list, paginated here because some upstreams
 /// (distribution 2.8) ignore `n` and `last`.
-fn tag_page(name: &str, ns: Option<&str>, mut tags: Vec<String>, n: Option<usize>, last: Option<&str>) -> Response<Body> {
+fn tag_page(
+    name: &str,
+    ns: Option<&str>,
+    mut tags: Vec<String>,
+    n: Option<usize>,
+    last: Option<&str>,
+) -> Response<Body> {
     tags.sort();
     tags.dedup();
     let after: Vec<String> = match last {
@@ -390,10 +425,22 @@ mod tests {
 
     #[tokio::test]
     async fn verified_relay_withholds_the_end_of_a_wrong_blob() {
-        let chunks = || futures_util::stream::iter(vec![Ok(Bytes::from_static(b"ab")), Ok(Bytes::from_static(b"cd"))]);
-        let good: Vec<_> = verified(chunks(), Digest::sha256_of(b"abcd")).collect().await;
-        assert_eq!(good.into_iter().map(Result::unwrap).collect::<Vec<_>>(), vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]);
-        let bad: Vec<_> = verified(chunks(), Digest::sha256_of(b"abce")).collect().await;
+        let chunks = || {
+            futures_util::stream::iter(vec![
+                Ok(Bytes::from_static(b"ab")),
+                Ok(Bytes::from_static(b"cd")),
+            ])
+        };
+        let good: Vec<_> = verified(chunks(), Digest::sha256_of(b"abcd"))
+            .collect()
+            .await;
+        assert_eq!(
+            good.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+            vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]
+        );
+        let bad: Vec<_> = verified(chunks(), Digest::sha256_of(b"abce"))
+            .collect()
+            .await;
         assert_eq!(bad.len(), 2);
         assert_eq!(bad[0].as_ref().unwrap(), &Bytes::from_static(b"ab"));
         assert!(bad[1].is_err());

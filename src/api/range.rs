@@ -6,7 +6,10 @@
 pub enum RangeAnswer {
     Full,
     /// Inclusive byte positions.
-    Partial { start: u64, end: u64 },
+    Partial {
+        start: u64,
+        end: u64,
+    },
     Unsatisfiable,
 }
 
@@ -40,7 +43,10 @@ pub fn parse_range(header: &str, len: u64) -> RangeAnswer {
             if start >= len {
                 RangeAnswer::Unsatisfiable
             } else {
-                RangeAnswer::Partial { start, end: len - 1 }
+                RangeAnswer::Partial {
+                    start,
+                    end: len - 1,
+                }
             }
         }
         (Some(start), last) => match number(last) {
@@ -67,10 +73,22 @@ mod tests {
     #[test]
     fn ranges() {
         assert_eq!(parse_range("bytes=0-9", 100), Partial { start: 0, end: 9 });
-        assert_eq!(parse_range("bytes=90-", 100), Partial { start: 90, end: 99 });
-        assert_eq!(parse_range("bytes=90-200", 100), Partial { start: 90, end: 99 });
-        assert_eq!(parse_range("bytes=-10", 100), Partial { start: 90, end: 99 });
-        assert_eq!(parse_range("bytes=-1000", 100), Partial { start: 0, end: 99 });
+        assert_eq!(
+            parse_range("bytes=90-", 100),
+            Partial { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse_range("bytes=90-200", 100),
+            Partial { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse_range("bytes=-10", 100),
+            Partial { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse_range("bytes=-1000", 100),
+            Partial { start: 0, end: 99 }
+        );
         assert_eq!(parse_range("bytes=100-", 100), Unsatisfiable);
         assert_eq!(parse_range("bytes=100-200", 100), Unsatisfiable);
         assert_eq!(parse_range("bytes=-0", 100), Unsatisfiable);

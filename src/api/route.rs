@@ -27,10 +27,24 @@ impl std::fmt::Display for Reference {
 pub enum Endpoint {
     /// `GET /v2/`: the version check clients ping first.
     Base,
-    Manifest { name: String, reference: Reference },
-    Blob { name: String, digest: Digest },
-    TagsList { name: String, n: Option<usize>, last: Option<String> },
-    Referrers { name: String, digest: Digest, artifact_type: Option<String> },
+    Manifest {
+        name: String,
+        reference: Reference,
+    },
+    Blob {
+        name: String,
+        digest: Digest,
+    },
+    TagsList {
+        name: String,
+        n: Option<usize>,
+        last: Option<String>,
+    },
+    Referrers {
+        name: String,
+        digest: Digest,
+        artifact_type: Option<String>,
+    },
 }
 
 /// A parsed request: what is asked for, whether only headers are wanted,
@@ -160,7 +174,10 @@ impl Query {
     }
 
     fn get(&self, key: &str) -> Option<String> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
     }
 }
 
@@ -206,7 +223,9 @@ pub fn is_valid_tag(tag: &str) -> bool {
     let word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_';
     match bytes.split_first() {
         Some((first, rest)) => {
-            word(first) && rest.len() <= 127 && rest.iter().all(|b| word(b) || *b == b'.' || *b == b'-')
+            word(first)
+                && rest.len() <= 127
+                && rest.iter().all(|b| word(b) || *b == b'.' || *b == b'-')
         }
         None => false,
     }
@@ -296,13 +315,30 @@ mod tests {
     #[test]
     fn digests_and_tags_are_validated() {
         assert!(matches!(
-            get(&format!("/v2/library/alpine/manifests/{D}")).unwrap().endpoint,
-            Endpoint::Manifest { reference: Reference::Digest(_), .. }
+            get(&format!("/v2/library/alpine/manifests/{D}"))
+                .unwrap()
+                .endpoint,
+            Endpoint::Manifest {
+                reference: Reference::Digest(_),
+                ..
+            }
         ));
-        assert!(matches!(get("/v2/a/blobs/sha256:abc"), Err(RouteError::DigestInvalid(_))));
-        assert!(matches!(get("/v2/a/manifests/sha256:abc"), Err(RouteError::DigestInvalid(_))));
-        assert!(matches!(get("/v2/a/manifests/-bad"), Err(RouteError::TagInvalid(_))));
-        assert!(matches!(get(&format!("/v2/a/manifests/{}", "t".repeat(129))), Err(RouteError::TagInvalid(_))));
+        assert!(matches!(
+            get("/v2/a/blobs/sha256:abc"),
+            Err(RouteError::DigestInvalid(_))
+        ));
+        assert!(matches!(
+            get("/v2/a/manifests/sha256:abc"),
+            Err(RouteError::DigestInvalid(_))
+        ));
+        assert!(matches!(
+            get("/v2/a/manifests/-bad"),
+            Err(RouteError::TagInvalid(_))
+        ));
+        assert!(matches!(
+            get(&format!("/v2/a/manifests/{}", "t".repeat(129))),
+            Err(RouteError::TagInvalid(_))
+        ));
         assert!(get(&format!("/v2/a/manifests/{}", "t".repeat(128))).is_ok());
     }
 
@@ -318,7 +354,10 @@ mod tests {
             "/v2/.hidden/manifests/latest",
             "/v2/a___b/manifests/latest",
         ] {
-            assert!(matches!(get(path), Err(RouteError::NameInvalid(_))), "{path} accepted");
+            assert!(
+                matches!(get(path), Err(RouteError::NameInvalid(_))),
+                "{path} accepted"
+            );
         }
         let long = format!("/v2/{}/manifests/latest", "a/".repeat(130) + "a");
         assert!(matches!(get(&long), Err(RouteError::NameInvalid(_))));
@@ -330,13 +369,26 @@ mod tests {
     #[test]
     fn writes_are_unsupported_and_nonsense_is_not_found() {
         for m in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
-            assert_eq!(parse(&m, "/v2/a/manifests/latest", None), Err(RouteError::Unsupported(m.clone())));
-            assert_eq!(parse(&m, "/v2/a/blobs/uploads/", None), Err(RouteError::Unsupported(m.clone())));
-            assert_eq!(parse(&m, "/v2/a/blobs/uploads/some-uuid", None), Err(RouteError::Unsupported(m.clone())));
+            assert_eq!(
+                parse(&m, "/v2/a/manifests/latest", None),
+                Err(RouteError::Unsupported(m.clone()))
+            );
+            assert_eq!(
+                parse(&m, "/v2/a/blobs/uploads/", None),
+                Err(RouteError::Unsupported(m.clone()))
+            );
+            assert_eq!(
+                parse(&m, "/v2/a/blobs/uploads/some-uuid", None),
+                Err(RouteError::Unsupported(m.clone()))
+            );
         }
         assert_eq!(get("/v2/a/things/x"), Err(RouteError::NotFound));
         assert_eq!(get("/v2/manifests/latest"), Err(RouteError::NotFound));
-        assert!(parse(&Method::HEAD, &format!("/v2/a/blobs/{D}"), None).unwrap().head);
+        assert!(
+            parse(&Method::HEAD, &format!("/v2/a/blobs/{D}"), None)
+                .unwrap()
+                .head
+        );
     }
 
     #[test]
@@ -344,10 +396,20 @@ mod tests {
         let r = get("/v2/library/alpine/tags/list?n=10&last=3.18").unwrap();
         assert_eq!(
             r.endpoint,
-            Endpoint::TagsList { name: "library/alpine".into(), n: Some(10), last: Some("3.18".into()) }
+            Endpoint::TagsList {
+                name: "library/alpine".into(),
+                n: Some(10),
+                last: Some("3.18".into())
+            }
         );
-        assert_eq!(get("/v2/a/tags/list?n=ten"), Err(RouteError::QueryInvalid("n")));
-        assert_eq!(get("/v2/a/tags/list?last=%2F"), Err(RouteError::QueryInvalid("last")));
+        assert_eq!(
+            get("/v2/a/tags/list?n=ten"),
+            Err(RouteError::QueryInvalid("n"))
+        );
+        assert_eq!(
+            get("/v2/a/tags/list?last=%2F"),
+            Err(RouteError::QueryInvalid("last"))
+        );
     }
 
     #[test]
@@ -356,14 +418,32 @@ mod tests {
         let pick = |ns: Option<&str>, name: &str| {
             select_upstream(&c.upstreams, ns, name).map(|(u, repo)| (u.name.clone(), repo))
         };
-        assert_eq!(pick(None, "alpine").unwrap(), ("docker.io".into(), "library/alpine".into()));
-        assert_eq!(pick(Some("docker.io"), "library/alpine").unwrap().1, "library/alpine");
-        assert_eq!(pick(Some("ghcr.io"), "org/app").unwrap(), ("ghcr.io".into(), "org/app".into()));
-        assert_eq!(pick(None, "ghcr.io/org/app").unwrap(), ("ghcr.io".into(), "org/app".into()));
-        assert_eq!(pick(Some("ghcr.io"), "ghcr.io/org/app").unwrap().1, "org/app");
+        assert_eq!(
+            pick(None, "alpine").unwrap(),
+            ("docker.io".into(), "library/alpine".into())
+        );
+        assert_eq!(
+            pick(Some("docker.io"), "library/alpine").unwrap().1,
+            "library/alpine"
+        );
+        assert_eq!(
+            pick(Some("ghcr.io"), "org/app").unwrap(),
+            ("ghcr.io".into(), "org/app".into())
+        );
+        assert_eq!(
+            pick(None, "ghcr.io/org/app").unwrap(),
+            ("ghcr.io".into(), "org/app".into())
+        );
+        assert_eq!(
+            pick(Some("ghcr.io"), "ghcr.io/org/app").unwrap().1,
+            "org/app"
+        );
         assert_eq!(pick(None, "docker.io/alpine").unwrap().1, "library/alpine");
         // A lone component equal to an upstream name is a repository on the default.
-        assert_eq!(pick(None, "quay.io").unwrap(), ("docker.io".into(), "library/quay.io".into()));
+        assert_eq!(
+            pick(None, "quay.io").unwrap(),
+            ("docker.io".into(), "library/quay.io".into())
+        );
         assert_eq!(
             pick(Some("evil.example.com"), "x"),
             Err(RouteError::UnknownUpstream("evil.example.com".into()))

@@ -19,6 +19,8 @@ use tokio::sync::watch;
 const WRITE_BATCH: usize = 1 << 20;
 
 pub(super) struct Fill {
+    /// Keeps the digest from eviction for as long as the fill exists.
+    _pin: Pin,
     progress: watch::Receiver<Progress>,
     file: Arc<File>,
     /// The typed reason, set before `Progress::Failed` is published.
@@ -69,7 +71,7 @@ impl Blob {
 
     /// The full length; for a fill whose upstream sent no Content-Length
     /// this waits until the fill completes.
-    pub async fn len(&mut self) -> Result<u64, CacheError> {
+    pub async fn total_len(&mut self) -> Result<u64, CacheError> {
         if let Some(len) = self.len {
             return Ok(len);
         }
@@ -90,7 +92,11 @@ impl Blob {
     }
 
     /// Bytes `start..end`, waiting for them if the blob is still filling.
-    pub fn stream(self, start: u64, end: u64) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    pub fn stream(
+        self,
+        start: u64,
+        end: u64,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         stream_range(self.file, start, end, self.progress, self.pin)
     }
 }
@@ -142,7 +148,13 @@ impl Cache {
                         Some(e) => e.clone(),
                         None => return Err(CacheError::FillFailed(reason.to_string())),
                     };
-                    if matches!(*error, CacheError::Upstream { error: UpstreamError::NotFound, .. }) {
+                    if matches!(
+                        *error,
+                        CacheError::Upstream {
+                            error: UpstreamError::NotFound,
+                            ..
+                        }
+                    ) {
                         self.negative.insert(negative_key, ());
                     }
                     return Err(CacheError::Shared(error));
@@ -165,16 +177,22 @@ impl Cache {
 
     /// The length of `digest` without fetching it: from disk, from a fill
     /// in flight, or from an upstream HEAD.
-    pub async fn blob_len(&self, upstream: &Upstream, repo: &str, digest: &Digest) -> Result<Option<u64>, CacheError> {
+    pub async fn blob_len(
+        &self,
+        upstream: &Upstream,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<u64>, CacheError> {
         if let Some((_, len)) = self.store.open_file(Kind::Blob, digest)? {
             return Ok(Some(len));
         }
         let in_flight = self.fills.lock().expect("fills lock").get(digest).cloned();
         if let Some(fill) = in_flight {
             match &*fill.progress.borrow() {
-                Progress::Writing { total: Some(len), .. } | Progress::Verified { len } => {
-                    return Ok(Some(*len))
+                Progress::Writing {
+                    total: Some(len), ..
                 }
+                | Progress::Verified { len } => return Ok(Some(*len)),
                 _ => {}
             }
         }
@@ -200,20 +218,25 @@ impl Cache {
         }))
     }
 
-    fn start_fill(self: &Arc<Self>, upstream: &Arc<Upstream>, repo: &str, digest: &Digest) -> Result<Arc<Fill>, CacheError> {
+    fn start_fill(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Arc<Fill>, CacheError> {
         let temp = self.store.create_temp(digest).map_err(|e| {
             self.note_storage_trouble(&e);
             CacheError::StorageUnavailable(e.to_string())
         })?;
         let (tx, rx) = watch::channel(Progress::Connecting);
         let fill = Arc::new(Fill {
+            _pin: self.budget.pin(digest),
             progress: rx,
             file: temp.reader()?,
             failure: OnceLock::new(),
             task: OnceLock::new(),
         });
         let task = tokio::spawn(self.clone().run_fill(
-            self.budget.pin(digest),
             upstream.clone(),
             repo.to_owned(),
             digest.clone(),
@@ -227,7 +250,6 @@ impl Cache {
 
     async fn run_fill(
         self: Arc<Self>,
-        _pin: Pin,
         upstream: Arc<Upstream>,
         repo: String,
         digest: Digest,
@@ -282,14 +304,18 @@ impl Cache {
         tx: &watch::Sender<Progress>,
     ) -> Result<Filled, CacheError> {
         let upstream_err = |e| CacheError::upstream(upstream, e);
-        let resp = upstream.get_blob(repo, digest, None).await.map_err(upstream_err)?;
+        let resp = upstream
+            .get_blob(repo, digest, None)
+            .await
+            .map_err(upstream_err)?;
         let total = resp.content_length();
         tx.send_replace(Progress::Writing { written: 0, total });
         let mut body = resp.bytes_stream();
         let mut temp = Some(temp);
         let mut ended = false;
         while !ended {
-            let first = match tokio::time::timeout(upstream.config.read_timeout, body.next()).await {
+            let first = match tokio::time::timeout(upstream.config.read_timeout, body.next()).await
+            {
                 Err(_) => return Err(upstream_err(UpstreamError::Timeout("body data"))),
                 Ok(None) => break,
                 Ok(Some(Err(e))) => return Err(upstream_err(UpstreamError::Body(e.to_string()))),
@@ -303,7 +329,9 @@ impl Cache {
                         batch_len += chunk.len();
                         batch.push(chunk);
                     }
-                    Some(Some(Err(e))) => return Err(upstream_err(UpstreamError::Body(e.to_string()))),
+                    Some(Some(Err(e))) => {
+                        return Err(upstream_err(UpstreamError::Body(e.to_string())))
+                    }
                     Some(None) => {
                         ended = true;
                         break;

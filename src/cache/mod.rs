@@ -24,7 +24,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("upstream {upstream}: {error}")]
-    Upstream { upstream: String, error: UpstreamError },
+    Upstream {
+        upstream: String,
+        error: UpstreamError,
+    },
     #[error("upstream {upstream} sent content hashing to {actual}, not {expected}")]
     DigestMismatch {
         upstream: String,
@@ -109,7 +112,7 @@ pub struct Cache {
     storage_trouble: Mutex<Option<(std::time::Instant, String)>>,
     hits: std::sync::atomic::AtomicU64,
     misses: std::sync::atomic::AtomicU64,
-    started_s: u64,
+    started_ms: u64,
     /// Serialises upstream work per tag, so a storm of pulls of one stale
     /// tag makes one upstream request.
     tag_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -125,19 +128,23 @@ const MANIFEST_MEMORY: u64 = 64 << 20;
 
 impl Cache {
     /// Opens the store and index under `dir` and reconciles them.
-    pub fn open(dir: &std::path::Path, config: CacheConfig, limits: Limits) -> Result<Cache, CacheError> {
+    pub fn open(
+        dir: &std::path::Path,
+        config: CacheConfig,
+        limits: Limits,
+    ) -> Result<Cache, CacheError> {
         // The index lock comes first: a second process on this dir must fail
         // before the store clears temp files the first one is writing.
         std::fs::create_dir_all(dir)?;
         let index = Index::open(&dir.join(INDEX_FILE))?;
         let store = Store::open(dir)?;
-        let (blobs, strays) = store.scan(Kind::Blob)?;
-        let (manifests, manifest_strays) = store.scan(Kind::Manifest)?;
-        for stray in strays.iter().chain(&manifest_strays) {
+        let blobs = store.scan(Kind::Blob)?;
+        let manifests = store.scan(Kind::Manifest)?;
+        for stray in blobs.strays.iter().chain(&manifests.strays) {
             tracing::warn!(path = %stray.display(), "ignoring a file in the store whose name is not its digest");
         }
-        let manifest_digests: Vec<Digest> = manifests.into_iter().map(|(d, _)| d).collect();
-        let reconciled = index.reconcile(&blobs, &manifest_digests, |d| {
+        let manifest_digests: Vec<Digest> = manifests.found.into_iter().map(|(d, _)| d).collect();
+        let reconciled = index.reconcile(&blobs.found, &manifest_digests, |d| {
             store
                 .read_small(Kind::Manifest, d)
                 .ok()
@@ -145,7 +152,11 @@ impl Cache {
                 .map(|bytes| sniff_media_type(&bytes))
         })?;
         if reconciled.added + reconciled.dropped > 0 {
-            tracing::info!(added = reconciled.added, dropped = reconciled.dropped, "index reconciled with the files on disk");
+            tracing::info!(
+                added = reconciled.added,
+                dropped = reconciled.dropped,
+                "index reconciled with the files on disk"
+            );
         }
         let budget = Arc::new(Budget::new(limits, index.blobs()?));
         let cache = Cache {
@@ -166,7 +177,7 @@ impl Cache {
             storage_trouble: Mutex::new(None),
             hits: Default::default(),
             misses: Default::default(),
-            started_s: crate::store::now_secs(),
+            started_ms: crate::store::now_ms(),
             tag_locks: Mutex::new(HashMap::new()),
         };
         // The budget may have shrunk since the last run.
@@ -206,14 +217,20 @@ impl Cache {
             tracing::error!(error = %e, "evicted blobs not removed from the index");
         }
         let (count, bytes) = self.budget.usage();
-        tracing::info!(evicted = removed.len(), blobs = count, bytes, "cache usage after eviction");
+        tracing::info!(
+            evicted = removed.len(),
+            blobs = count,
+            bytes,
+            "cache usage after eviction"
+        );
     }
 
     /// Remembers that the disk refused a write, and frees space if the
     /// budget allows, so the next misses stream past the store.
     fn note_storage_trouble(&self, e: &io::Error) {
         tracing::error!(error = %e, "cache storage refused a write; misses will stream straight from upstream for {}s", STORAGE_BACKOFF.as_secs());
-        *self.storage_trouble.lock().expect("storage lock") = Some((std::time::Instant::now(), e.to_string()));
+        *self.storage_trouble.lock().expect("storage lock") =
+            Some((std::time::Instant::now(), e.to_string()));
     }
 
     /// The reason misses must bypass the store, while that holds.
@@ -240,7 +257,11 @@ impl Cache {
             }
         }
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        let counters = [("hits", load(&self.hits)), ("misses", load(&self.misses)), ("started_s", self.started_s)];
+        let counters = [
+            ("hits", load(&self.hits)),
+            ("misses", load(&self.misses)),
+            ("started_ms", self.started_ms),
+        ];
         if let Err(e) = self.index.put_stats(&counters) {
             tracing::warn!(error = %e, "could not record hit counters");
         }
@@ -285,7 +306,11 @@ impl Cache {
             }
             Reference::Tag(tag) => self.tagged_manifest(upstream, repo, tag, accept).await,
         };
-        if let Err(CacheError::Upstream { error: UpstreamError::NotFound, .. }) = &answer {
+        if let Err(CacheError::Upstream {
+            error: UpstreamError::NotFound,
+            ..
+        }) = &answer
+        {
             self.negative.insert(negative_key, ());
         }
         answer
@@ -333,7 +358,11 @@ impl Cache {
             if let Some((manifest, confirmed)) = &cached_manifest {
                 let age = confirmed.elapsed().unwrap_or(Duration::ZERO);
                 if error.is_outage() && age <= self.config.stale_if_error {
-                    let reason = format!("upstream {} failed ({error}); serving the tag as confirmed {}s ago", upstream.name(), age.as_secs());
+                    let reason = format!(
+                        "upstream {} failed ({error}); serving the tag as confirmed {}s ago",
+                        upstream.name(),
+                        age.as_secs()
+                    );
                     return Ok((manifest.clone(), Freshness::Stale { reason }));
                 }
             }
@@ -366,11 +395,18 @@ impl Cache {
             .get_manifest(repo, tag, accept.unwrap_or(MANIFEST_TYPES))
             .await
             .map_err(|e| CacheError::upstream(upstream, e))?;
-        Ok((self.keep_manifest(upstream, fetched, None)?, Freshness::Fetched))
+        Ok((
+            self.keep_manifest(upstream, fetched, None)?,
+            Freshness::Fetched,
+        ))
     }
 
     /// The cached manifest for `key` if it is inside `tag_ttl` and acceptable.
-    fn fresh_tag(&self, key: &str, accept: Option<&str>) -> Result<Option<Arc<Manifest>>, CacheError> {
+    fn fresh_tag(
+        &self,
+        key: &str,
+        accept: Option<&str>,
+    ) -> Result<Option<Arc<Manifest>>, CacheError> {
         let Some(entry) = self.tag_entry(key)? else {
             return Ok(None);
         };
@@ -514,8 +550,13 @@ fn sniff_media_type(bytes: &[u8]) -> String {
         manifests: Option<serde_json::Value>,
     }
     match serde_json::from_slice::<Probe>(bytes) {
-        Ok(Probe { media_type: Some(t), .. }) => t,
-        Ok(Probe { manifests: Some(_), .. }) => "application/vnd.oci.image.index.v1+json".into(),
+        Ok(Probe {
+            media_type: Some(t),
+            ..
+        }) => t,
+        Ok(Probe {
+            manifests: Some(_), ..
+        }) => "application/vnd.oci.image.index.v1+json".into(),
         _ => "application/vnd.oci.image.manifest.v1+json".into(),
     }
 }
@@ -529,18 +570,32 @@ mod tests {
         let oci = "application/vnd.oci.image.manifest.v1+json";
         assert!(accepts(None, oci));
         assert!(accepts(Some("*/*"), oci));
-        assert!(accepts(Some(&format!("application/json, {oci}; q=0.5")), oci));
-        assert!(!accepts(Some("application/vnd.docker.distribution.manifest.v2+json"), oci));
+        assert!(accepts(
+            Some(&format!("application/json, {oci}; q=0.5")),
+            oci
+        ));
+        assert!(!accepts(
+            Some("application/vnd.docker.distribution.manifest.v2+json"),
+            oci
+        ));
         assert!(accepts(Some("application/json"), oci));
     }
 
     #[test]
     fn sniffs_media_types() {
         assert_eq!(
-            sniff_media_type(br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#),
+            sniff_media_type(
+                br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#
+            ),
             "application/vnd.docker.distribution.manifest.v2+json"
         );
-        assert_eq!(sniff_media_type(br#"{"manifests":[]}"#), "application/vnd.oci.image.index.v1+json");
-        assert_eq!(sniff_media_type(b"{}"), "application/vnd.oci.image.manifest.v1+json");
+        assert_eq!(
+            sniff_media_type(br#"{"manifests":[]}"#),
+            "application/vnd.oci.image.index.v1+json"
+        );
+        assert_eq!(
+            sniff_media_type(b"{}"),
+            "application/vnd.oci.image.manifest.v1+json"
+        );
     }
 }

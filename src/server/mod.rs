@@ -16,8 +16,12 @@ use tokio::net::TcpListener;
 
 /// Serves `listener` until `shutdown` resolves, then waits up to `grace`
 /// for open requests to finish.
-pub async fn serve<S, F, B>(listener: TcpListener, service: S, shutdown: impl Future<Output = ()>, grace: Duration)
-where
+pub async fn serve<S, F, B>(
+    listener: TcpListener,
+    service: S,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) where
     S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: hyper::body::Body + Send + 'static,

@@ -17,7 +17,7 @@ pub struct Limits {
 
 #[derive(Debug, Default)]
 struct State {
-    /// digest → (size, last access in unix seconds)
+    /// digest → (size, last access in unix milliseconds)
     blobs: HashMap<Digest, (u64, u64)>,
     total: u64,
     pins: HashMap<Digest, usize>,
@@ -50,10 +50,10 @@ impl Drop for Pin {
     }
 }
 
-pub fn now_secs() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Budget {
@@ -84,13 +84,17 @@ impl Budget {
     }
 
     pub fn is_pinned(&self, digest: &Digest) -> bool {
-        self.state.lock().expect("budget lock").pins.contains_key(digest)
+        self.state
+            .lock()
+            .expect("budget lock")
+            .pins
+            .contains_key(digest)
     }
 
     /// Records a read. Cheap: memory only; [`Budget::take_dirty`] batches it to disk.
     pub fn touch(&self, digest: &Digest) {
         let mut state = self.state.lock().expect("budget lock");
-        let now = now_secs();
+        let now = now_ms();
         if let Some(entry) = state.blobs.get_mut(digest) {
             if entry.1 != now {
                 entry.1 = now;
@@ -101,7 +105,7 @@ impl Budget {
 
     pub fn add(&self, digest: &Digest, size: u64) {
         let mut state = self.state.lock().expect("budget lock");
-        if let Some((old, _)) = state.blobs.insert(digest.clone(), (size, now_secs())) {
+        if let Some((old, _)) = state.blobs.insert(digest.clone(), (size, now_ms())) {
             state.total -= old;
         }
         state.total += size;
@@ -173,8 +177,14 @@ mod tests {
 
     fn budget(blobs: &[(u8, u64, u64)]) -> Arc<Budget> {
         Arc::new(Budget::new(
-            Limits { max_size: 100, high: 90, low: 80 },
-            blobs.iter().map(|(n, size, access)| (d(*n), *size, *access)),
+            Limits {
+                max_size: 100,
+                high: 90,
+                low: 80,
+            },
+            blobs
+                .iter()
+                .map(|(n, size, access)| (d(*n), *size, *access)),
         ))
     }
 

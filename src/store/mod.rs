@@ -8,7 +8,7 @@ mod budget;
 mod reader;
 mod temp;
 
-pub use budget::{now_secs, Budget, Limits, Pin};
+pub use budget::{now_ms, Budget, Limits, Pin};
 pub use reader::{stream_range, Progress};
 pub use temp::{CommitError, TempBlob};
 
@@ -107,7 +107,12 @@ impl Store {
     }
 
     /// Writes small content (a manifest) durably; the caller has verified it.
-    pub fn write_small(&self, kind: Kind, digest: &Digest, bytes: &[u8]) -> Result<(), CommitError> {
+    pub fn write_small(
+        &self,
+        kind: Kind,
+        digest: &Digest,
+        bytes: &[u8],
+    ) -> Result<(), CommitError> {
         let mut temp = self.create_temp(digest)?;
         temp.append(bytes)?;
         temp.commit(&self.path(kind, digest)).map(|_| ())
@@ -129,8 +134,8 @@ impl Store {
     }
 
     /// Every committed file of `kind`, with its size. Files whose names are
-    /// not digests are reported in the error list rather than trusted.
-    pub fn scan(&self, kind: Kind) -> io::Result<(Vec<(Digest, u64)>, Vec<PathBuf>)> {
+    /// not digests are listed as strays rather than trusted.
+    pub fn scan(&self, kind: Kind) -> io::Result<Scan> {
         let mut found = Vec::new();
         let mut strays = Vec::new();
         let base = self.root.join(kind.dir());
@@ -152,7 +157,10 @@ impl Store {
                     let name = file.file_name().to_string_lossy().into_owned();
                     let parsed = format!("{algo_name}:{name}").parse::<Digest>();
                     match parsed {
-                        Ok(d) if file.file_type()?.is_file() && prefix.file_name() == d.hex()[..2] => {
+                        Ok(d)
+                            if file.file_type()?.is_file()
+                                && prefix.file_name() == d.hex()[..2] =>
+                        {
                             found.push((d, file.metadata()?.len()))
                         }
                         _ => strays.push(file.path()),
@@ -160,8 +168,15 @@ impl Store {
                 }
             }
         }
-        Ok((found, strays))
+        Ok(Scan { found, strays })
     }
+}
+
+/// What [`Store::scan`] saw.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub found: Vec<(Digest, u64)>,
+    pub strays: Vec<PathBuf>,
 }
 
 /// fsyncs a directory so a rename into it survives a power cut.
@@ -208,11 +223,14 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let d = Digest::sha256_of(b"{}");
         store.write_small(Kind::Manifest, &d, b"{}").unwrap();
-        assert_eq!(store.read_small(Kind::Manifest, &d).unwrap().unwrap(), b"{}");
+        assert_eq!(
+            store.read_small(Kind::Manifest, &d).unwrap().unwrap(),
+            b"{}"
+        );
         fs::write(dir.path().join("manifests/sha256/zz"), b"junk").unwrap();
-        let (found, strays) = store.scan(Kind::Manifest).unwrap();
-        assert_eq!(found, vec![(d.clone(), 2)]);
-        assert_eq!(strays.len(), 1);
+        let scan = store.scan(Kind::Manifest).unwrap();
+        assert_eq!(scan.found, vec![(d.clone(), 2)]);
+        assert_eq!(scan.strays.len(), 1);
         assert!(store.write_small(Kind::Manifest, &d, b"not it").is_err());
     }
 }

@@ -120,24 +120,37 @@ mod tests {
         let mut writer = File::create(&path).unwrap();
         let file = Arc::new(File::open(&path).unwrap());
         let (tx, rx) = watch::channel(Progress::Connecting);
-        let reader = tokio::spawn(
-            stream_range(file.clone(), 2, 6, Some(rx), ()).collect::<Vec<_>>(),
-        );
+        let reader =
+            tokio::spawn(stream_range(file.clone(), 2, 6, Some(rx), ()).collect::<Vec<_>>());
         writer.write_all(b"abcd").unwrap();
-        tx.send(Progress::Writing { written: 4, total: Some(6) }).unwrap();
+        tx.send(Progress::Writing {
+            written: 4,
+            total: Some(6),
+        })
+        .unwrap();
         tokio::task::yield_now().await;
         writer.write_all(b"ef").unwrap();
         tx.send(Progress::Verified { len: 6 }).unwrap();
         let chunks = reader.await.unwrap();
-        let body: Vec<u8> = chunks.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
+        let body: Vec<u8> = chunks
+            .into_iter()
+            .flat_map(|c| c.unwrap().to_vec())
+            .collect();
         assert_eq!(body, b"cdef");
 
-        let (tx, rx) = watch::channel(Progress::Writing { written: 6, total: None });
+        let (tx, rx) = watch::channel(Progress::Writing {
+            written: 6,
+            total: None,
+        });
         let reader = tokio::spawn(stream_range(file, 0, 6, Some(rx), ()).collect::<Vec<_>>());
         tokio::task::yield_now().await;
         tx.send(Progress::Failed("digest mismatch".into())).unwrap();
         let chunks = reader.await.unwrap();
-        let sent: usize = chunks.iter().filter_map(|c| c.as_ref().ok()).map(|b| b.len()).sum();
+        let sent: usize = chunks
+            .iter()
+            .filter_map(|c| c.as_ref().ok())
+            .map(|b| b.len())
+            .sum();
         assert!(sent < 6, "a whole body went out before verification");
         assert!(chunks.last().unwrap().is_err());
     }

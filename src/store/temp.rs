@@ -27,7 +27,10 @@ pub struct TempBlob {
 
 impl TempBlob {
     pub(super) fn create(path: PathBuf, expected: Digest) -> io::Result<TempBlob> {
-        let file = OpenOptions::new().write(true).create_new(true).open(&path)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
         Ok(TempBlob {
             path,
             file,

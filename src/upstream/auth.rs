@@ -94,7 +94,11 @@ pub fn realm_is_trusted(upstream: &Url, realm: &Url, auth_realms: &[String]) -> 
     let (Some(up), Some(realm_host)) = (upstream.host_str(), realm.host_str()) else {
         return false;
     };
-    if auth_realms.iter().any(|h| h.eq_ignore_ascii_case(realm_host)) || up == realm_host {
+    if auth_realms
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(realm_host))
+        || up == realm_host
+    {
         return true;
     }
     let is_ip = |h: &str| h.parse::<std::net::IpAddr>().is_ok();
@@ -166,7 +170,8 @@ mod tests {
 
     #[test]
     fn parses_odd_but_legal_forms() {
-        let c = parse_challenge(r#"bearer realm=https://r/t, scope="repository:a/b:pull,push""#).unwrap();
+        let c = parse_challenge(r#"bearer realm=https://r/t, scope="repository:a/b:pull,push""#)
+            .unwrap();
         assert_eq!(
             c,
             Challenge::Bearer {
@@ -175,7 +180,10 @@ mod tests {
                 scope: Some("repository:a/b:pull,push".into())
             }
         );
-        assert_eq!(parse_challenge(r#"Basic realm="x""#), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(r#"Basic realm="x""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(parse_challenge("Negotiate abc"), None);
         assert_eq!(parse_challenge(r#"Bearer service="x""#), None);
         assert_eq!(parse_challenge(r#"Bearer realm="unterminated"#), None);
@@ -185,23 +193,41 @@ mod tests {
     #[test]
     fn trusts_only_related_realms() {
         let hub = Url::parse("https://registry-1.docker.io").unwrap();
-        let t = |realm: &str, extra: &[String]| realm_is_trusted(&hub, &Url::parse(realm).unwrap(), extra);
+        let t = |realm: &str, extra: &[String]| {
+            realm_is_trusted(&hub, &Url::parse(realm).unwrap(), extra)
+        };
         assert!(t("https://auth.docker.io/token", &[]));
         assert!(!t("https://evil.example/token", &[]));
         assert!(t("https://evil.example/token", &["evil.example".into()]));
         let local = Url::parse("http://127.0.0.1:5000").unwrap();
-        assert!(realm_is_trusted(&local, &Url::parse("http://127.0.0.1:9999/t").unwrap(), &[]));
-        assert!(!realm_is_trusted(&local, &Url::parse("http://127.0.0.2/t").unwrap(), &[]));
+        assert!(realm_is_trusted(
+            &local,
+            &Url::parse("http://127.0.0.1:9999/t").unwrap(),
+            &[]
+        ));
+        assert!(!realm_is_trusted(
+            &local,
+            &Url::parse("http://127.0.0.2/t").unwrap(),
+            &[]
+        ));
     }
 
     #[test]
     fn token_lifetime_defaults_to_a_minute() {
-        let a = TokenAnswer { token: None, access_token: Some("t".into()), expires_in: None };
+        let a = TokenAnswer {
+            token: None,
+            access_token: Some("t".into()),
+            expires_in: None,
+        };
         let (token, lifetime) = a.into_token().unwrap();
         assert_eq!(token, "t");
         assert_eq!(lifetime, Duration::from_secs(54));
-        assert!(TokenAnswer { token: Some(String::new()), access_token: None, expires_in: None }
-            .into_token()
-            .is_none());
+        assert!(TokenAnswer {
+            token: Some(String::new()),
+            access_token: None,
+            expires_in: None
+        }
+        .into_token()
+        .is_none());
     }
 }

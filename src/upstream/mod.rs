@@ -164,7 +164,11 @@ impl Upstream {
     }
 
     /// The blob's size, if upstream says.
-    pub async fn head_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>, UpstreamError> {
+    pub async fn head_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<u64>, UpstreamError> {
         let url = self.url(repo, &format!("blobs/{digest}"));
         let resp = self.send(Method::HEAD, &url, repo, "*/*").await?;
         // Not `content_length()`: a HEAD body is empty, so that reports 0.
@@ -180,7 +184,9 @@ impl Upstream {
         let mut url = self.url(repo, "tags/list");
         let mut tags = Vec::new();
         for _ in 0..MAX_TAG_PAGES {
-            let resp = self.send(Method::GET, &url, repo, "application/json").await?;
+            let resp = self
+                .send(Method::GET, &url, repo, "application/json")
+                .await?;
             let next = header_str(resp.headers(), LINK.as_str()).and_then(next_link);
             let body = self.read_capped(resp, MAX_MANIFEST_BYTES).await?;
             let page: Page = serde_json::from_slice(&body)
@@ -214,17 +220,31 @@ impl Upstream {
             url.extend(url::form_urlencoded::byte_serialize(t.as_bytes()));
         }
         let resp = self
-            .send(Method::GET, &url, repo, "application/vnd.oci.image.index.v1+json")
+            .send(
+                Method::GET,
+                &url,
+                repo,
+                "application/vnd.oci.image.index.v1+json",
+            )
             .await?;
         let media_type = header_str(resp.headers(), CONTENT_TYPE.as_str())
             .unwrap_or("application/vnd.oci.image.index.v1+json")
             .to_owned();
-        Ok((self.read_capped(resp, MAX_MANIFEST_BYTES).await?, media_type))
+        Ok((
+            self.read_capped(resp, MAX_MANIFEST_BYTES).await?,
+            media_type,
+        ))
     }
 
-    async fn read_capped(&self, resp: reqwest::Response, cap: usize) -> Result<Bytes, UpstreamError> {
+    async fn read_capped(
+        &self,
+        resp: reqwest::Response,
+        cap: usize,
+    ) -> Result<Bytes, UpstreamError> {
         if resp.content_length().is_some_and(|n| n > cap as u64) {
-            return Err(UpstreamError::Protocol(format!("response larger than {cap} bytes")));
+            return Err(UpstreamError::Protocol(format!(
+                "response larger than {cap} bytes"
+            )));
         }
         let mut body = BytesMut::new();
         let mut stream = resp.bytes_stream();
@@ -235,7 +255,9 @@ impl Upstream {
                 Ok(Some(Err(e))) => return Err(UpstreamError::Body(error_chain(&e))),
                 Ok(Some(Ok(chunk))) => {
                     if body.len() + chunk.len() > cap {
-                        return Err(UpstreamError::Protocol(format!("response larger than {cap} bytes")));
+                        return Err(UpstreamError::Protocol(format!(
+                            "response larger than {cap} bytes"
+                        )));
                     }
                     body.extend_from_slice(&chunk);
                 }
@@ -266,14 +288,19 @@ impl Upstream {
         let scope = format!("repository:{repo}:pull");
         let mut challenged = false;
         loop {
-            let mut request = self.http.request(method.clone(), url).header(ACCEPT, accept);
+            let mut request = self
+                .http
+                .request(method.clone(), url)
+                .header(ACCEPT, accept);
             if let Some(authorization) = self.tokens.get(&scope) {
                 request = request.header(AUTHORIZATION, authorization);
             }
             if let Some((name, value)) = &extra {
                 request = request.header(name.clone(), *value);
             }
-            let resp = match tokio::time::timeout(self.config.response_timeout, request.send()).await {
+            let resp = match tokio::time::timeout(self.config.response_timeout, request.send())
+                .await
+            {
                 Err(_) => return Err(UpstreamError::Timeout("response headers")),
                 Ok(Err(e)) if e.is_timeout() => return Err(UpstreamError::Timeout("connection")),
                 Ok(Err(e)) => return Err(UpstreamError::Connect(error_chain(&e))),
@@ -284,7 +311,9 @@ impl Upstream {
                 challenged = true;
                 let challenge = header_str(resp.headers(), WWW_AUTHENTICATE.as_str())
                     .and_then(auth::parse_challenge)
-                    .ok_or_else(|| UpstreamError::Denied("401 without a usable challenge".into()))?;
+                    .ok_or_else(|| {
+                        UpstreamError::Denied("401 without a usable challenge".into())
+                    })?;
                 self.authenticate(challenge, &scope).await?;
                 continue;
             }
@@ -295,7 +324,8 @@ impl Upstream {
                     Err(UpstreamError::Denied(status.as_u16().to_string()))
                 }
                 StatusCode::TOO_MANY_REQUESTS => Err(UpstreamError::RateLimited {
-                    retry_after: header_str(resp.headers(), RETRY_AFTER.as_str()).map(str::to_owned),
+                    retry_after: header_str(resp.headers(), RETRY_AFTER.as_str())
+                        .map(str::to_owned),
                 }),
                 s => Err(UpstreamError::Status(s.as_u16())),
             };
@@ -307,7 +337,9 @@ impl Upstream {
         match challenge {
             Challenge::Basic => {
                 let value = basic.ok_or_else(|| {
-                    UpstreamError::Denied("Basic auth demanded and no credentials configured".into())
+                    UpstreamError::Denied(
+                        "Basic auth demanded and no credentials configured".into(),
+                    )
                 })?;
                 // Basic credentials do not expire; an hour bounds a rotated password.
                 self.tokens.put(scope, value, Duration::from_secs(3600));
@@ -329,7 +361,11 @@ impl Upstream {
                 }
                 let mut request = self.http.get(realm_url.clone());
                 if let Some(basic) = basic {
-                    if auth::realm_is_trusted(&self.config.url, &realm_url, &self.config.auth_realms) {
+                    if auth::realm_is_trusted(
+                        &self.config.url,
+                        &realm_url,
+                        &self.config.auth_realms,
+                    ) {
                         request = request.header(AUTHORIZATION, basic);
                     } else {
                         tracing::warn!(
@@ -339,13 +375,23 @@ impl Upstream {
                         );
                     }
                 }
-                let resp = match tokio::time::timeout(self.config.response_timeout, request.send()).await {
+                let resp = match tokio::time::timeout(self.config.response_timeout, request.send())
+                    .await
+                {
                     Err(_) => return Err(UpstreamError::Timeout("token")),
-                    Ok(Err(e)) => return Err(UpstreamError::Connect(format!("token realm: {}", error_chain(&e)))),
+                    Ok(Err(e)) => {
+                        return Err(UpstreamError::Connect(format!(
+                            "token realm: {}",
+                            error_chain(&e)
+                        )))
+                    }
                     Ok(Ok(resp)) => resp,
                 };
                 if !resp.status().is_success() {
-                    return Err(UpstreamError::Denied(format!("token realm answered {}", resp.status().as_u16())));
+                    return Err(UpstreamError::Denied(format!(
+                        "token realm answered {}",
+                        resp.status().as_u16()
+                    )));
                 }
                 let body = self.read_capped(resp, 1 << 20).await?;
                 let answer: auth::TokenAnswer = serde_json::from_slice(&body)
@@ -363,7 +409,8 @@ impl Upstream {
     fn basic_credentials(&self) -> Option<String> {
         let user = self.config.username.as_ref()?;
         let password = self.config.password.as_deref().unwrap_or("");
-        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         Some(format!("Basic {encoded}"))
     }
 }
@@ -386,9 +433,13 @@ fn claimed_digest(headers: &HeaderMap) -> Result<Option<Digest>, UpstreamError> 
 fn next_link(header: &str) -> Option<String> {
     header.split(',').find_map(|part| {
         let (target, params) = part.split_once(';')?;
-        params
-            .contains("rel=\"next\"")
-            .then(|| target.trim().trim_start_matches('<').trim_end_matches('>').to_owned())
+        params.contains("rel=\"next\"").then(|| {
+            target
+                .trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_owned()
+        })
     })
 }
 

@@ -1,0 +1,143 @@
+//! Starts the wharf binary under test with a config file we write, and
+//! waits for its one stdout line `wharf listening on 127.0.0.1:PORT`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::procs::{Proc, Stdout};
+
+pub struct Wharf {
+    pub proc: Proc,
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+}
+
+/// The binary cargo built for this test run, or `WHARF_E2E_BIN` to test
+/// another build (e.g. an installed one).
+pub fn binary() -> PathBuf {
+    match std::env::var_os("WHARF_E2E_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_wharf")),
+    }
+}
+
+impl Wharf {
+    /// `upstream_url` becomes the default upstream, named `docker.io`.
+    pub fn start(dir: &Path, upstream_url: &str, tag_ttl: &str) -> Wharf {
+        std::fs::create_dir_all(dir).expect("wharf dir");
+        let data_dir = dir.join("data");
+        let config = dir.join("wharf.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[server]
+listen = "127.0.0.1:0"
+
+[storage]
+dir = "{data}"
+
+[cache]
+tag_ttl = "{tag_ttl}"
+
+[[upstream]]
+name = "docker.io"
+url = "{upstream_url}"
+default = true
+"#,
+                data = data_dir.display()
+            ),
+        )
+        .expect("write wharf config");
+        let stdout_log = dir.join("wharf.stdout.log");
+        let stderr_log = dir.join("wharf.log");
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve").arg("--config").arg(&config);
+        // Plain logs: they end up in panic messages.
+        cmd.env("NO_COLOR", "1");
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let mut proc = Proc::spawn("wharf", cmd, Stdout::Piped, &stderr_log);
+        proc.stdout_log = Some(stdout_log.clone());
+
+        // Copy stdout to a file (so the pipe never fills) and hand the
+        // listening line to us.
+        let stdout = proc.take_stdout().expect("wharf stdout pipe");
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            let mut file = std::fs::File::create(&stdout_log).ok();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(f) = file.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+                if line.starts_with("wharf listening on ") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+
+        let timeout = Duration::from_secs(30);
+        let start = Instant::now();
+        let line = loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => break line,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let status = proc
+                        .exited()
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "still running".into());
+                    panic!(
+                        "wharf ({}) closed stdout without printing `wharf listening on 127.0.0.1:PORT` (process: {status})\n{}",
+                        binary().display(),
+                        proc.logs()
+                    );
+                }
+            }
+            if let Some(status) = proc.exited() {
+                panic!(
+                    "wharf exited ({status}) before printing `wharf listening on ...`\n{}",
+                    proc.logs()
+                );
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "wharf printed no `wharf listening on ...` line within {timeout:?}\n{}",
+                    proc.logs()
+                );
+            }
+        };
+        let addr = line
+            .trim_start_matches("wharf listening on ")
+            .trim()
+            .to_string();
+        assert!(
+            addr.starts_with("127.0.0.1:") && addr[10..].parse::<u16>().is_ok_and(|p| p != 0),
+            "unexpected listening line {line:?}\n{}",
+            proc.logs()
+        );
+        let mut w = Wharf {
+            proc,
+            addr,
+            data_dir,
+            config,
+        };
+        let addr = w.addr.clone();
+        w.proc
+            .wait_ready("GET /v2/ -> 200", Duration::from_secs(10), || {
+                super::util::http_status(&addr, "/v2/") == Some(200)
+            });
+        w
+    }
+
+    pub fn logs(&self) -> String {
+        self.proc.logs()
+    }
+}
