@@ -20,6 +20,10 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// `/metrics`, `/healthz` and `/readyz` live here, apart from the API.
+    pub admin_listen: SocketAddr,
+    /// How long in-flight responses may run on after SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +91,7 @@ impl UpstreamConfig {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub listen: Option<String>,
+    pub admin_listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub tag_ttl: Option<String>,
     pub max_size: Option<String>,
@@ -155,7 +160,11 @@ impl Config {
         r.unknown_keys(&root, "", &["server", "storage", "cache", "upstream"]);
 
         let server = r.table(&root, "server");
-        r.unknown_keys(server, "server.", &["listen"]);
+        r.unknown_keys(
+            server,
+            "server.",
+            &["listen", "admin_listen", "shutdown_grace"],
+        );
         let listen_text = overrides
             .listen
             .clone()
@@ -166,6 +175,18 @@ impl Config {
                 .map_err(|e| format!("{e}; expected HOST:PORT such as 0.0.0.0:5000"))
         });
 
+        let admin_text = overrides
+            .admin_listen
+            .clone()
+            .or_else(|| r.string(server, "server.admin_listen"))
+            .unwrap_or_else(|| "127.0.0.1:9090".into());
+        let admin_listen = r.parse_with("server.admin_listen", &admin_text, |s| {
+            s.parse::<SocketAddr>()
+                .map_err(|e| format!("{e}; expected HOST:PORT such as 127.0.0.1:9090"))
+        });
+        let shutdown_grace = r
+            .duration(server, "server.shutdown_grace")
+            .unwrap_or(Duration::from_secs(30));
         let storage = r.table(&root, "storage");
         r.unknown_keys(
             storage,
@@ -238,6 +259,8 @@ impl Config {
         Ok(Config {
             server: ServerConfig {
                 listen: listen.expect("no issue means listen parsed"),
+                admin_listen: admin_listen.expect("no issue means admin_listen parsed"),
+                shutdown_grace,
             },
             storage: StorageConfig {
                 dir,
@@ -613,6 +636,8 @@ mod tests {
     fn empty_text_gives_embedded_defaults() {
         let c = Config::defaults();
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:5000");
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.server.shutdown_grace, Duration::from_secs(30));
         assert_eq!(c.storage.dir, PathBuf::from("./wharf-data"));
         assert_eq!(c.cache.tag_ttl, Duration::from_secs(300));
         let names: Vec<_> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
@@ -699,6 +724,7 @@ mod tests {
             "[server]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nname = \"a.io\"\nurl = \"http://a\"\ndefault = true\n",
             &Overrides {
                 listen: Some("127.0.0.1:2".into()),
+                admin_listen: None,
                 data_dir: Some("/tmp/x".into()),
                 tag_ttl: Some("10s".into()),
                 max_size: Some("1GiB".into()),

@@ -10,6 +10,7 @@ pub mod config;
 pub mod digest;
 pub mod index;
 pub mod manifest;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod upstream;
@@ -20,8 +21,6 @@ use std::time::Duration;
 
 pub use config::Config;
 
-/// How long open responses may take to finish after shutdown begins.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +43,8 @@ pub enum StartError {
 /// leaves it running until the runtime ends.
 pub struct RunningServer {
     local_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    admin_stop: tokio::sync::oneshot::Sender<()>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
     api: Arc<api::Api>,
@@ -54,11 +55,17 @@ impl RunningServer {
         self.local_addr
     }
 
+    /// Where `/metrics`, `/healthz` and `/readyz` answer.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
     /// Stops accepting, lets open responses finish (bounded), discards
     /// unfinished fills, and releases the data dir.
     pub async fn shutdown(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
+        let _ = self.admin_stop.send(());
         self.api.cache().abort_fills();
         self.api.cache().flush();
         // Fill tasks and connections hold the cache; wait for them to let go
@@ -90,6 +97,15 @@ async fn flush_periodically(cache: std::sync::Weak<cache::Cache>) {
     }
 }
 
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let listen_error = |source| StartError::Listen { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(listen_error)?;
+    let local = listener.local_addr().map_err(listen_error)?;
+    Ok((listener, local))
+}
+
 /// Opens the cache, builds the upstream clients, binds and starts serving.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let dir = config.storage.dir.clone();
@@ -100,18 +116,22 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         high: (storage.max_size as f64 * storage.high_watermark) as u64,
         low: (storage.max_size as f64 * storage.low_watermark) as u64,
     };
-    let cache = tokio::task::spawn_blocking(move || cache::Cache::open(&dir, cache_config, limits))
-        .await
-        .expect("cache open does not panic")
-        .map_err(|source| StartError::Cache {
-            dir: config.storage.dir.display().to_string(),
-            source,
-        })?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let cache_metrics = metrics.clone();
+    let cache = tokio::task::spawn_blocking(move || {
+        cache::Cache::open(&dir, cache_config, limits, cache_metrics)
+    })
+    .await
+    .expect("cache open does not panic")
+    .map_err(|source| StartError::Cache {
+        dir: config.storage.dir.display().to_string(),
+        source,
+    })?;
     let upstreams = config
         .upstreams
         .iter()
         .map(|u| {
-            upstream::Upstream::new(u.clone())
+            upstream::Upstream::new(u.clone(), metrics.clone())
                 .map(Arc::new)
                 .map_err(|reason| StartError::Upstream {
                     name: u.name.clone(),
@@ -119,16 +139,9 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.server.listen,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.server.listen,
-        source,
-    })?;
+    let (listener, local_addr) = bind(config.server.listen).await?;
+    let (admin_listener, admin_addr) = bind(config.server.admin_listen).await?;
+    let grace = config.server.shutdown_grace;
     let cache = Arc::new(cache);
     let (count, bytes) = cache.usage();
     tracing::info!(
@@ -138,7 +151,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         "cache opened"
     );
     tokio::spawn(flush_periodically(Arc::downgrade(&cache)));
-    let api = Arc::new(api::Api::new(config, upstreams, cache));
+    let api = Arc::new(api::Api::new(config, upstreams, cache, metrics));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let service_api = api.clone();
     let task = tokio::spawn(server::serve(
@@ -147,10 +160,22 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         async {
             let _ = stopped.await;
         },
-        SHUTDOWN_GRACE,
+        grace,
+    ));
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_api = api.clone();
+    tokio::spawn(server::serve(
+        admin_listener,
+        move |req| api::ops::handle(admin_api.clone(), req),
+        async {
+            let _ = admin_stopped.await;
+        },
+        Duration::from_secs(1),
     ));
     Ok(RunningServer {
         local_addr,
+        admin_addr,
+        admin_stop,
         stop,
         task,
         api,

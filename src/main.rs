@@ -1,6 +1,7 @@
 //! The `wharf` command line. Parsing and dispatch only; the work is in the library.
 
 use clap::{Parser, Subcommand};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use wharf::config::{Config, Overrides};
@@ -13,6 +14,15 @@ use wharf::config::{Config, Overrides};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as `text` or `json`; filter with RUST_LOG (e.g. `info,wharf::upstream=debug`).
+    #[arg(long, global = true, default_value = "text", env = "WHARF_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -25,6 +35,9 @@ enum Command {
         /// Address to listen on, e.g. 0.0.0.0:5000.
         #[arg(long)]
         listen: Option<String>,
+        /// Address for /metrics, /healthz and /readyz, e.g. 0.0.0.0:9090.
+        #[arg(long)]
+        admin_listen: Option<String>,
         /// Where blobs, manifests and the index live.
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -72,15 +85,20 @@ enum CacheAction {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().command {
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+    match cli.command {
         Command::CheckConfig { file } => match load(Some(&file), &Overrides::default()) {
             Ok(_) => {
                 println!("{}: ok", file.display());
@@ -120,6 +138,7 @@ fn main() -> ExitCode {
         Command::Serve {
             config,
             listen,
+            admin_listen,
             data_dir,
             tag_ttl,
             max_size,
@@ -127,6 +146,7 @@ fn main() -> ExitCode {
         } => {
             let overrides = Overrides {
                 listen,
+                admin_listen,
                 data_dir,
                 tag_ttl,
                 max_size,
@@ -205,8 +225,16 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Scripts and tests read the bound port from this line (e.g. with --listen 127.0.0.1:0).
-    println!("wharf listening on {}", server.local_addr());
+    // Scripts and tests read the bound ports from these lines (e.g. with
+    // --listen 127.0.0.1:0). A reader that hangs up early must not kill us.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "wharf listening on {}", server.local_addr());
+    let _ = writeln!(
+        stdout,
+        "wharf admin (metrics, health) on {}",
+        server.admin_addr()
+    );
+    let _ = stdout.flush();
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await;

@@ -27,7 +27,7 @@ fn blob_bytes_on_disk(dir: &Path) -> u64 {
 
 async fn start_budgeted(dir: &Path, upstream: &str, max_size: &str) -> wharf::RunningServer {
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndir = \"{}\"\nmax_size = \"{max_size}\"\n{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[storage]\ndir = \"{}\"\nmax_size = \"{max_size}\"\n{}",
         dir.display(),
         upstream_toml("docker.io", upstream, true, "")
     );
@@ -229,7 +229,14 @@ struct WharfProcess {
 impl WharfProcess {
     fn start(dir: &Path, upstream: &str) -> WharfProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(dir)
             .arg("--upstream")
             .arg(format!("docker.io={upstream}"))

@@ -1123,7 +1123,7 @@ async fn byte_budget_evicts_least_recently_used_blobs() {
     let dir = tempfile::tempdir().unwrap();
     // Budget 1,000,000 bytes: evict above 900,000, down to 800,000.
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndir = \"{}\"\nmax_size = 1000000\nhigh_watermark = 0.9\nlow_watermark = 0.8\n[cache]\ntag_ttl = \"5m\"\n{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[storage]\ndir = \"{}\"\nmax_size = 1000000\nhigh_watermark = 0.9\nlow_watermark = 0.8\n[cache]\ntag_ttl = \"5m\"\n{}",
         dir.path().display(),
         upstream_toml("docker.io", &fake.url(), true, "")
     );

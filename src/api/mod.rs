@@ -5,12 +5,14 @@
 //! files or sockets itself.
 
 pub mod error;
+pub mod ops;
 mod range;
 pub mod route;
 
 use crate::cache::{BlobSource, Cache, CacheError, Freshness};
 use crate::config::Config;
 use crate::digest::Digest;
+use crate::metrics::{CacheLabels, Metrics, RequestLabels, ServedLabels};
 use crate::upstream::Upstream;
 use bytes::Bytes;
 use error::{ApiError, Subject};
@@ -41,10 +43,34 @@ pub struct Api {
     config: Config,
     upstreams: Vec<Arc<Upstream>>,
     cache: Arc<Cache>,
+    metrics: Arc<Metrics>,
+}
+
+/// The client's `X-Request-Id` if it is sane, else a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let given = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()));
+    match given {
+        Some(id) => id.to_owned(),
+        None => {
+            // Distinct across restarts without a random number generator.
+            let prefix = PREFIX.get_or_init(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos() ^ d.as_secs() as u32)
+            });
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("{prefix:08x}-{n:x}")
+        }
+    }
 }
 
 /// How a request was answered, for the log line.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     Hit,
     Miss,
@@ -55,13 +81,37 @@ enum Outcome {
     Error,
 }
 
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Fill => "fill",
+            Outcome::Revalidated => "revalidated",
+            Outcome::Stale => "stale",
+            Outcome::Pass => "pass",
+            Outcome::Error => "error",
+        }
+    }
+}
+
 impl Api {
-    pub fn new(config: Config, upstreams: Vec<Arc<Upstream>>, cache: Arc<Cache>) -> Api {
+    pub fn new(
+        config: Config,
+        upstreams: Vec<Arc<Upstream>>,
+        cache: Arc<Cache>,
+        metrics: Arc<Metrics>,
+    ) -> Api {
         Api {
             config,
             upstreams,
             cache,
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn cache(&self) -> &Arc<Cache> {
@@ -69,49 +119,123 @@ impl Api {
     }
 
     /// Answers one request. Never fails: errors become OCI error responses.
+    /// Logs one line per request and counts it.
     pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Body> {
         let started = Instant::now();
         let (parts, _body) = req.into_parts();
-        let answer = match route::parse(&parts.method, parts.uri.path(), parts.uri.query()) {
-            Ok(route) => self.answer(route, &parts.headers).await,
+        let request_id = request_id(&parts.headers);
+        let route = route::parse(&parts.method, parts.uri.path(), parts.uri.query());
+        let (endpoint, name, reference) = match &route {
+            Ok(route) => route.endpoint.describe(),
+            Err(_) => ("invalid", "-".into(), "-".into()),
+        };
+        let mut upstream_name = None;
+        let answer = match route {
+            Ok(route) => self.answer(route, &parts.headers, &mut upstream_name).await,
             Err(e) => Err(ApiError::Route(e)),
         };
-        let (mut resp, outcome) = match answer {
-            Ok(answer) => answer,
+        let (mut resp, outcome, error) = match answer {
+            Ok((resp, outcome)) => (resp, outcome, None),
             Err(e) => {
                 if e.is_internal() {
-                    tracing::error!(method = %parts.method, uri = %parts.uri, error = %e, "internal error");
+                    tracing::error!(request_id, method = %parts.method, uri = %parts.uri, error = %e, "internal error");
                 }
                 let message = e.to_string();
-                let resp = e.into_response();
-                tracing::info!(
-                    method = %parts.method, uri = %parts.uri, status = resp.status().as_u16(),
-                    ms = started.elapsed().as_millis() as u64, outcome = ?Outcome::Error, error = %message,
-                    "request"
-                );
-                return with_api_version(resp);
+                (e.into_response(), Outcome::Error, Some(message))
             }
         };
         if parts.method == Method::HEAD {
             *resp.body_mut() = empty();
         }
-        match outcome {
-            Outcome::Hit | Outcome::Revalidated | Outcome::Stale => self.cache.record(true),
-            Outcome::Miss | Outcome::Fill => self.cache.record(false),
-            Outcome::Pass | Outcome::Error => {}
+        let status = resp.status().as_u16();
+        let labels = RequestLabels {
+            endpoint,
+            method: parts.method.as_str().to_owned(),
+            status,
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .request_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(upstream) = &upstream_name {
+            self.count_cache_result(endpoint, &parts.method, upstream, outcome, &mut resp);
         }
         tracing::info!(
-            method = %parts.method, uri = %parts.uri, status = resp.status().as_u16(),
+            request_id,
+            method = %parts.method,
+            name,
+            reference,
+            upstream = upstream_name.as_deref().unwrap_or("-"),
+            status,
             bytes = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-"),
-            ms = started.elapsed().as_millis() as u64, outcome = ?outcome, "request"
+            ms = started.elapsed().as_millis() as u64,
+            outcome = outcome.as_str(),
+            error = error.as_deref().unwrap_or(""),
+            "request"
         );
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert("X-Request-Id", v);
+        }
         with_api_version(resp)
     }
 
+    /// Counts a hit or miss, and wraps a blob body to count the bytes sent.
+    fn count_cache_result(
+        &self,
+        endpoint: &'static str,
+        method: &Method,
+        upstream: &str,
+        outcome: Outcome,
+        resp: &mut Response<Body>,
+    ) {
+        let hit = match outcome {
+            Outcome::Hit | Outcome::Revalidated | Outcome::Stale => true,
+            Outcome::Miss | Outcome::Fill => false,
+            Outcome::Pass | Outcome::Error => return,
+        };
+        self.cache.record(hit);
+        let kind = if endpoint == "blob" {
+            "blob"
+        } else {
+            "manifest"
+        };
+        self.metrics
+            .cache_results
+            .get_or_create(&CacheLabels {
+                upstream: upstream.to_owned(),
+                kind,
+                // A fill is a blob miss, streamed as it arrives.
+                result: if hit { outcome.as_str() } else { "miss" },
+            })
+            .inc();
+        if kind == "blob" && *method == Method::GET {
+            let served = self
+                .metrics
+                .served_bytes
+                .get_or_create(&ServedLabels {
+                    upstream: upstream.to_owned(),
+                    source: if hit { "cache" } else { "fill" },
+                })
+                .clone();
+            let body = std::mem::replace(resp.body_mut(), empty());
+            *resp.body_mut() = body
+                .map_frame(move |frame| {
+                    if let Some(data) = frame.data_ref() {
+                        served.inc_by(data.len() as u64);
+                    }
+                    frame
+                })
+                .boxed_unsync();
+        }
+    }
+
+    /// `upstream_name` is set once the request's upstream is known, for logs.
     async fn answer(
         &self,
         route: Route,
         headers: &HeaderMap,
+        upstream_name: &mut Option<String>,
     ) -> Result<(Response<Body>, Outcome), ApiError> {
         let ns = route.ns.as_deref();
         match route.endpoint {
@@ -123,16 +247,16 @@ impl Api {
                 Outcome::Pass,
             )),
             Endpoint::Manifest { name, reference } => {
-                let (upstream, repo) = self.upstream_for(ns, &name)?;
+                let (upstream, repo) = self.upstream_for(ns, &name, upstream_name)?;
                 self.manifest(upstream, &repo, &reference, headers).await
             }
             Endpoint::Blob { name, digest } => {
-                let (upstream, repo) = self.upstream_for(ns, &name)?;
+                let (upstream, repo) = self.upstream_for(ns, &name, upstream_name)?;
                 self.blob(upstream, &repo, &digest, route.head, headers)
                     .await
             }
             Endpoint::TagsList { name, n, last } => {
-                let (upstream, repo) = self.upstream_for(ns, &name)?;
+                let (upstream, repo) = self.upstream_for(ns, &name, upstream_name)?;
                 let tags = upstream
                     .list_tags(&repo)
                     .await
@@ -144,7 +268,7 @@ impl Api {
                 digest,
                 artifact_type,
             } => {
-                let (upstream, repo) = self.upstream_for(ns, &name)?;
+                let (upstream, repo) = self.upstream_for(ns, &name, upstream_name)?;
                 let (bytes, media_type) = upstream
                     .get_referrers(&repo, &digest, artifact_type.as_deref())
                     .await
@@ -171,6 +295,7 @@ impl Api {
         &self,
         ns: Option<&str>,
         name: &str,
+        upstream_name: &mut Option<String>,
     ) -> Result<(&Arc<Upstream>, String), ApiError> {
         let (config, repo) = route::select_upstream(&self.config.upstreams, ns, name)?;
         let upstream = self
@@ -178,6 +303,7 @@ impl Api {
             .iter()
             .find(|u| u.name() == config.name)
             .expect("one client per configured upstream");
+        *upstream_name = Some(upstream.name().to_owned());
         Ok((upstream, repo))
     }
 

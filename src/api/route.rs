@@ -47,6 +47,23 @@ pub enum Endpoint {
     },
 }
 
+impl Endpoint {
+    /// A metrics label, and the name and reference for the log line.
+    pub fn describe(&self) -> (&'static str, String, String) {
+        match self {
+            Endpoint::Base => ("base", "-".into(), "-".into()),
+            Endpoint::Manifest { name, reference } => {
+                ("manifest", name.clone(), reference.to_string())
+            }
+            Endpoint::Blob { name, digest } => ("blob", name.clone(), digest.to_string()),
+            Endpoint::TagsList { name, .. } => ("tags", name.clone(), "-".into()),
+            Endpoint::Referrers { name, digest, .. } => {
+                ("referrers", name.clone(), digest.to_string())
+            }
+        }
+    }
+}
+
 /// A parsed request: what is asked for, whether only headers are wanted,
 /// and the registry the client named with `?ns=`.
 #[derive(Debug, Clone, PartialEq, Eq)]

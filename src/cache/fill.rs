@@ -5,6 +5,7 @@
 
 use super::{Cache, CacheError};
 use crate::digest::Digest;
+use crate::metrics::GaugeGuard;
 use crate::store::{stream_range, Kind, Pin, Progress, TempBlob};
 use crate::upstream::{Upstream, UpstreamError};
 use bytes::Bytes;
@@ -58,6 +59,8 @@ pub enum BlobSource {
 pub struct Blob {
     file: Arc<File>,
     pin: Pin,
+    /// For a fill: counts this client in `wharf_fill_clients`.
+    attached: Option<GaugeGuard>,
     progress: Option<watch::Receiver<Progress>>,
     /// The full length, once known.
     len: Option<u64>,
@@ -97,7 +100,13 @@ impl Blob {
         start: u64,
         end: u64,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-        stream_range(self.file, start, end, self.progress, self.pin)
+        stream_range(
+            self.file,
+            start,
+            end,
+            self.progress,
+            (self.pin, self.attached),
+        )
     }
 }
 
@@ -164,6 +173,7 @@ impl Cache {
                 return Ok(Blob {
                     file: fill.file.clone(),
                     pin,
+                    attached: Some(GaugeGuard::new(&self.metrics.fill_clients)),
                     progress: Some(rx),
                     len,
                     source: BlobSource::Fill,
@@ -212,6 +222,7 @@ impl Cache {
         Ok(Some(Blob {
             file,
             pin,
+            attached: None,
             progress: None,
             len: Some(len),
             source: BlobSource::Hit,
@@ -258,6 +269,7 @@ impl Cache {
         fill: Arc<Fill>,
     ) {
         let started = std::time::Instant::now();
+        let _in_flight = GaugeGuard::new(&self.metrics.fills_in_flight);
         let outcome = self.fetch_into(&upstream, &repo, &digest, temp, &tx).await;
         match outcome {
             Ok(Filled::Kept(len)) => {
@@ -339,6 +351,7 @@ impl Cache {
                     None => break,
                 }
             }
+            upstream.count_fetched(batch_len);
             let mut writer = temp.take().expect("temp present while filling");
             let (writer, result) = tokio::task::spawn_blocking(move || {
                 let result = batch.iter().try_for_each(|chunk| writer.append(chunk));

@@ -13,6 +13,7 @@ use crate::api::route::Reference;
 use crate::config::CacheConfig;
 use crate::digest::Digest;
 use crate::index::{unix_ms, Index, IndexError, TagRecord};
+use crate::metrics::Metrics;
 use crate::store::{Budget, CommitError, Kind, Limits, Store};
 use crate::upstream::{FetchedManifest, Upstream, UpstreamError, MANIFEST_TYPES};
 use bytes::Bytes;
@@ -104,6 +105,7 @@ pub struct Cache {
     manifests: moka::sync::Cache<Digest, Arc<Manifest>>,
     tags: RwLock<HashMap<String, TagEntry>>,
     budget: Arc<Budget>,
+    metrics: Arc<Metrics>,
     /// Recent upstream 404s (`upstream/repo@reference`), so a storm of
     /// pulls of something missing asks upstream once.
     negative: moka::sync::Cache<String, ()>,
@@ -132,6 +134,7 @@ impl Cache {
         dir: &std::path::Path,
         config: CacheConfig,
         limits: Limits,
+        metrics: Arc<Metrics>,
     ) -> Result<Cache, CacheError> {
         // The index lock comes first: a second process on this dir must fail
         // before the store clears temp files the first one is writing.
@@ -166,6 +169,7 @@ impl Cache {
                 .build(),
             config,
             budget,
+            metrics,
             store,
             index,
             fills: Mutex::new(HashMap::new()),
@@ -206,6 +210,8 @@ impl Cache {
             match self.store.remove(Kind::Blob, &digest) {
                 Ok(()) => {
                     self.budget.remove(&digest);
+                    self.metrics.evictions.inc();
+                    self.metrics.evicted_bytes.inc_by(size);
                     tracing::info!(%digest, bytes = size, "evicted blob (least recently used)");
                     removed.push(digest);
                 }
@@ -240,6 +246,20 @@ impl Cache {
             .as_ref()
             .filter(|(at, _)| at.elapsed() < STORAGE_BACKOFF)
             .map(|(_, reason)| reason.clone())
+    }
+
+    /// Whether the data dir takes writes and the index answers.
+    pub fn check_ready(&self) -> Result<(), String> {
+        self.store.probe_writable().map_err(|e| {
+            format!(
+                "data dir {} is not writable: {e}",
+                self.store.root().display()
+            )
+        })?;
+        self.index
+            .stat("hits")
+            .map_err(|e| format!("index unreadable: {e}"))?;
+        Ok(())
     }
 
     /// Counts a request answered from cache (`hit`) or from upstream.

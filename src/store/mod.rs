@@ -65,6 +65,19 @@ impl Store {
         Ok(store)
     }
 
+    /// Writes, syncs and removes a small file in `tmp/`.
+    pub fn probe_writable(&self) -> io::Result<()> {
+        let path = self
+            .tmp_dir()
+            .join(format!("ready-probe.{}", std::process::id()));
+        let result = File::create(&path).and_then(|mut f| {
+            f.write_all(b"ok")?;
+            f.sync_all()
+        });
+        let _ = fs::remove_file(&path);
+        result
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

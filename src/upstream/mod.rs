@@ -6,6 +6,7 @@ pub mod auth;
 
 use crate::config::UpstreamConfig;
 use crate::digest::Digest;
+use crate::metrics::{Metrics, UpstreamErrorLabels};
 use auth::{Challenge, TokenCache};
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
@@ -46,6 +47,20 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::NotFound => "not_found",
+            UpstreamError::Denied(_) => "denied",
+            UpstreamError::RateLimited { .. } => "rate_limited",
+            UpstreamError::Status(_) => "status",
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Body(_) => "body",
+            UpstreamError::Protocol(_) => "protocol",
+        }
+    }
+
     /// Failures that say the upstream is unwell rather than that the content
     /// is absent; a stale cached answer is better than an error for these.
     pub fn is_outage(&self) -> bool {
@@ -81,10 +96,14 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     http: reqwest::Client,
     tokens: TokenCache,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig) -> Result<Upstream, String> {
+    pub fn new(
+        config: UpstreamConfig,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Result<Upstream, String> {
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("wharf/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
@@ -103,6 +122,7 @@ impl Upstream {
             config,
             http,
             tokens: TokenCache::default(),
+            metrics,
         })
     }
 
@@ -260,6 +280,7 @@ impl Upstream {
                         )));
                     }
                     body.extend_from_slice(&chunk);
+                    self.count_fetched(chunk.len());
                 }
             }
         }
@@ -278,6 +299,35 @@ impl Upstream {
     }
 
     async fn send_with(
+        &self,
+        method: Method,
+        url: &str,
+        repo: &str,
+        accept: &str,
+        extra: Option<(http::header::HeaderName, &str)>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let started = std::time::Instant::now();
+        let result = self
+            .send_once_authenticated(method, url, repo, accept, extra)
+            .await;
+        let labels = self.metrics.upstream(&self.config.name);
+        self.metrics
+            .upstream_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.metrics
+                .upstream_errors
+                .get_or_create(&UpstreamErrorLabels {
+                    upstream: labels.upstream,
+                    kind: e.kind(),
+                })
+                .inc();
+        }
+        result
+    }
+
+    async fn send_once_authenticated(
         &self,
         method: Method,
         url: &str,
@@ -400,6 +450,10 @@ impl Upstream {
                     .into_token()
                     .ok_or_else(|| UpstreamError::Protocol("token answer has no token".into()))?;
                 tracing::debug!(upstream = %self.config.name, scope, "fetched upstream token");
+                self.metrics
+                    .token_fetches
+                    .get_or_create(&self.metrics.upstream(&self.config.name))
+                    .inc();
                 self.tokens.put(scope, format!("Bearer {token}"), lifetime);
                 Ok(())
             }
@@ -412,6 +466,16 @@ impl Upstream {
         let encoded =
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         Some(format!("Basic {encoded}"))
+    }
+}
+
+impl Upstream {
+    /// Counts bytes received from this upstream.
+    pub fn count_fetched(&self, bytes: usize) {
+        self.metrics
+            .fetched_bytes
+            .get_or_create(&self.metrics.upstream(&self.config.name))
+            .inc_by(bytes as u64);
     }
 }
 

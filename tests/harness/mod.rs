@@ -14,7 +14,7 @@ pub fn upstream_toml(name: &str, url: &str, default: bool, extra: &str) -> Strin
 
 pub fn config_text(dir: &Path, cache: &str, upstreams: &str) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndir = \"{}\"\n[cache]\n{cache}\n{upstreams}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[storage]\ndir = \"{}\"\n[cache]\n{cache}\n{upstreams}",
         dir.display()
     )
 }

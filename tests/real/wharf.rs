@@ -26,21 +26,62 @@ pub fn binary() -> PathBuf {
     }
 }
 
+/// Knobs for the config `Wharf::start_with` writes.
+#[derive(Clone, Debug)]
+pub struct WharfOpts {
+    pub tag_ttl: String,
+    /// `[storage] max_size`, e.g. "8MiB" or "9000000B"; wharf's default if None.
+    pub max_size: Option<String>,
+    /// Extra lines for the `docker.io` `[[upstream]]` table, e.g.
+    /// `connect_timeout = "2s"`.
+    pub upstream_extra: String,
+    /// Appended verbatim at the end (more `[[upstream]]` tables).
+    pub extra_toml: String,
+}
+
+impl Default for WharfOpts {
+    fn default() -> Self {
+        WharfOpts {
+            tag_ttl: "5m".into(),
+            max_size: None,
+            upstream_extra: String::new(),
+            extra_toml: String::new(),
+        }
+    }
+}
+
 impl Wharf {
     /// `upstream_url` becomes the default upstream, named `docker.io`.
     pub fn start(dir: &Path, upstream_url: &str, tag_ttl: &str) -> Wharf {
+        let opts = WharfOpts {
+            tag_ttl: tag_ttl.into(),
+            ..WharfOpts::default()
+        };
+        Wharf::start_with(dir, upstream_url, &opts)
+    }
+
+    /// Like `start`, with more of the config under the test's control.
+    /// Starting again on the same `dir` reuses the data dir (a restart);
+    /// the log files are overwritten.
+    pub fn start_with(dir: &Path, upstream_url: &str, opts: &WharfOpts) -> Wharf {
         std::fs::create_dir_all(dir).expect("wharf dir");
         let data_dir = dir.join("data");
         let config = dir.join("wharf.toml");
+        let max_size = opts
+            .max_size
+            .as_ref()
+            .map(|m| format!("max_size = \"{m}\"\n"))
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
                 r#"[server]
 listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 
 [storage]
 dir = "{data}"
-
+{max_size}
 [cache]
 tag_ttl = "{tag_ttl}"
 
@@ -48,8 +89,13 @@ tag_ttl = "{tag_ttl}"
 name = "docker.io"
 url = "{upstream_url}"
 default = true
+{upstream_extra}
+{extra_toml}
 "#,
-                data = data_dir.display()
+                data = data_dir.display(),
+                tag_ttl = opts.tag_ttl,
+                upstream_extra = opts.upstream_extra,
+                extra_toml = opts.extra_toml,
             ),
         )
         .expect("write wharf config");
@@ -139,5 +185,15 @@ default = true
 
     pub fn logs(&self) -> String {
         self.proc.logs()
+    }
+
+    /// The whole stderr log (tracing output).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.proc.stderr_log).unwrap_or_default()
+    }
+
+    /// SIGTERM (then SIGKILL after the grace period) and wait for exit.
+    pub fn stop(&mut self) {
+        self.proc.stop();
     }
 }
