@@ -24,6 +24,9 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// How long in-flight responses may run on after SIGTERM.
     pub shutdown_grace: Duration,
+    /// PEM certificate chain and key: the API is served over TLS when set.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +66,8 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     /// Longest silence allowed inside a response body.
     pub read_timeout: Duration,
+    /// Accept any TLS certificate from this upstream. Dangerous; logged loudly.
+    pub insecure_skip_verify: bool,
 }
 
 // Hand-written so the password never reaches a log line.
@@ -163,7 +168,13 @@ impl Config {
         r.unknown_keys(
             server,
             "server.",
-            &["listen", "admin_listen", "shutdown_grace"],
+            &[
+                "listen",
+                "admin_listen",
+                "shutdown_grace",
+                "tls_cert",
+                "tls_key",
+            ],
         );
         let listen_text = overrides
             .listen
@@ -187,6 +198,16 @@ impl Config {
         let shutdown_grace = r
             .duration(server, "server.shutdown_grace")
             .unwrap_or(Duration::from_secs(30));
+        let tls_cert = r.string(server, "server.tls_cert").map(PathBuf::from);
+        let tls_key = r.string(server, "server.tls_key").map(PathBuf::from);
+        if tls_cert.is_some() != tls_key.is_some() {
+            r.issue("server.tls_cert", "tls_cert and tls_key go together");
+        }
+        for (key, path) in [("server.tls_cert", &tls_cert), ("server.tls_key", &tls_key)] {
+            if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
+                r.issue(key, format!("{} is not a readable file", path.display()));
+            }
+        }
         let storage = r.table(&root, "storage");
         r.unknown_keys(
             storage,
@@ -261,6 +282,8 @@ impl Config {
                 listen: listen.expect("no issue means listen parsed"),
                 admin_listen: admin_listen.expect("no issue means admin_listen parsed"),
                 shutdown_grace,
+                tls_cert,
+                tls_key,
             },
             storage: StorageConfig {
                 dir,
@@ -298,6 +321,7 @@ impl UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(60),
+            insecure_skip_verify: false,
         }
     }
 }
@@ -501,6 +525,7 @@ impl Reader {
                     "connect_timeout",
                     "response_timeout",
                     "read_timeout",
+                    "insecure_skip_verify",
                 ],
             );
             let key = |k: &str| format!("{prefix}.{k}");
@@ -518,6 +543,7 @@ impl Reader {
                 }
             };
             let default = self.bool(t, &key("default")).unwrap_or(false);
+            let insecure_skip_verify = self.bool(t, &key("insecure_skip_verify")).unwrap_or(false);
             let username = self.string(t, &key("username"));
             let password = self.password(t, &prefix);
             if password.is_some() != username.is_some() {
@@ -554,6 +580,7 @@ impl Reader {
             upstream.password = password;
             upstream.ca_file = ca_file;
             upstream.auth_realms = auth_realms;
+            upstream.insecure_skip_verify = insecure_skip_verify;
             for (k, slot) in [
                 ("connect_timeout", &mut upstream.connect_timeout),
                 ("response_timeout", &mut upstream.response_timeout),

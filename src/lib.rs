@@ -37,6 +37,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] server::tls::TlsError),
 }
 
 /// A running server; dropping it without [`RunningServer::shutdown`]
@@ -48,11 +50,18 @@ pub struct RunningServer {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
     api: Arc<api::Api>,
+    tls: Option<Arc<server::tls::TlsFiles>>,
 }
 
 impl RunningServer {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The TLS files, to reload on SIGHUP: open connections keep their
+    /// certificate, new handshakes get the new one.
+    pub fn tls(&self) -> Option<Arc<server::tls::TlsFiles>> {
+        self.tls.clone()
     }
 
     /// Where `/metrics`, `/healthz` and `/readyz` answer.
@@ -139,6 +148,16 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(server::tls::TlsFiles::load(cert, key)?)),
+        _ => None,
+    };
+    for u in config.upstreams.iter().filter(|u| u.insecure_skip_verify) {
+        tracing::warn!(
+            upstream = %u.name,
+            "INSECURE: TLS certificates of this upstream are NOT verified (insecure_skip_verify = true); anyone on the path can serve content in its name"
+        );
+    }
     let (listener, local_addr) = bind(config.server.listen).await?;
     let (admin_listener, admin_addr) = bind(config.server.admin_listen).await?;
     let grace = config.server.shutdown_grace;
@@ -156,6 +175,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let service_api = api.clone();
     let task = tokio::spawn(server::serve(
         listener,
+        tls.clone(),
         move |req| service_api.clone().handle(req),
         async {
             let _ = stopped.await;
@@ -166,6 +186,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let admin_api = api.clone();
     tokio::spawn(server::serve(
         admin_listener,
+        None,
         move |req| api::ops::handle(admin_api.clone(), req),
         async {
             let _ = admin_stopped.await;
@@ -179,5 +200,6 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         stop,
         task,
         api,
+        tls,
     })
 }

@@ -235,10 +235,27 @@ async fn serve(config: Config) -> ExitCode {
         server.admin_addr()
     );
     let _ = stdout.flush();
+    if let Some(tls) = server.tls() {
+        tokio::spawn(reload_on_sighup(tls));
+    }
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// Re-reads the TLS certificate and key on every SIGHUP.
+async fn reload_on_sighup(tls: std::sync::Arc<wharf::server::tls::TlsFiles>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    while hup.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate")
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

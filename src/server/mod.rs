@@ -1,7 +1,9 @@
-//! The HTTP server: accepts TCP connections, speaks HTTP/1.1 and h2c via
-//! hyper-util, and drains in-flight requests on shutdown within a grace
-//! period. Knows nothing of registries or OCI: it runs whatever service
-//! it is handed.
+//! The HTTP server: accepts TCP connections, optionally terminates TLS,
+//! speaks HTTP/1.1 and HTTP/2 via hyper-util, and drains in-flight requests
+//! on shutdown within a grace period. Knows nothing of registries or OCI:
+//! it runs whatever service it is handed.
+
+pub mod tls;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -11,13 +13,18 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// How long a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `listener` until `shutdown` resolves, then waits up to `grace`
-/// for open requests to finish.
+/// for open requests to finish. With `tls`, every connection is TLS.
 pub async fn serve<S, F, B>(
     listener: TcpListener,
+    tls: Option<Arc<tls::TlsFiles>>,
     service: S,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
@@ -50,12 +57,34 @@ pub async fn serve<S, F, B>(
             let fut = service(req);
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match acceptor {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let stream = match handshake.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

@@ -111,6 +111,9 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             // reqwest strips Authorization when a redirect changes host or port.
             .redirect(reqwest::redirect::Policy::limited(10));
+        if config.insecure_skip_verify {
+            builder = builder.danger_accept_invalid_certs(true);
+        }
         if let Some(path) = &config.ca_file {
             let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
             let cert = reqwest::Certificate::from_pem(&pem)
