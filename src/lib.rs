@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod api;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod digest;
 pub mod index;
@@ -14,6 +15,7 @@ pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod upstream;
+pub mod warm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

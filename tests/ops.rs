@@ -335,3 +335,116 @@ async fn sigterm_lets_a_download_finish_and_exits_zero() {
     assert_eq!(fields["status"], 200);
     assert!(fields["request_id"].is_string());
 }
+
+fn run_warm(args: &[String]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .arg("warm")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "wharf warm {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_through_a_running_wharf_fetches_only_the_chosen_platform() {
+    let env = Env::default().await;
+    let amd64 = env
+        .fake
+        .add_image("library/multi", None, &[pseudo_random_bytes(40, 100_000)]);
+    let arm64 = env
+        .fake
+        .add_image("library/multi", None, &[pseudo_random_bytes(41, 100_000)]);
+    env.fake.add_index(
+        "library/multi",
+        Some("1"),
+        &[(&amd64, "amd64"), (&arm64, "arm64")],
+    );
+    let out = run_warm(&[
+        "--registry".into(),
+        env.base.clone(),
+        "--platform".into(),
+        "linux/amd64".into(),
+        "library/multi:1".into(),
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("warmed library/multi:1: 2 manifest(s), 2 blob(s)"),
+        "{said}"
+    );
+    assert_eq!(env.fake.blob_gets(&amd64.layers[0].0), 1);
+    assert_eq!(
+        env.fake.blob_gets(&arm64.layers[0].0),
+        0,
+        "another platform was fetched"
+    );
+
+    let before = env.fake.total_requests();
+    env.pull("library/multi", &amd64.manifest_digest, &amd64)
+        .await;
+    assert_eq!(
+        env.fake.total_requests(),
+        before,
+        "a pull after warm-up must not reach upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_straight_into_a_data_dir() {
+    let fake = FakeUpstream::start(Options::default()).await;
+    let img = fake.add_image(
+        "library/app",
+        Some("v2"),
+        &[pseudo_random_bytes(50, 200_000)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("images.txt");
+    std::fs::write(&list, "# rollout of app v2\nlibrary/app:v2\n").unwrap();
+    run_warm(&[
+        "--data-dir".into(),
+        dir.path().display().to_string(),
+        "--upstream".into(),
+        format!("docker.io={}", fake.url()),
+        "--file".into(),
+        list.display().to_string(),
+    ]);
+    let warmed = fake.total_requests();
+    assert!(warmed >= 3);
+
+    let server = start_wharf(
+        dir.path(),
+        "tag_ttl = \"5m\"",
+        &upstream_toml("docker.io", &fake.url(), true, ""),
+    )
+    .await;
+    let c = http::client();
+    let base = format!("http://{}", server.local_addr());
+    let m = http::get(&c, &format!("{base}/v2/library/app/manifests/v2")).await;
+    assert_eq!(m.bytes(), img.manifest);
+    for (d, bytes) in &img.layers {
+        assert_eq!(
+            http::get(&c, &format!("{base}/v2/library/app/blobs/{d}"))
+                .await
+                .bytes(),
+            bytes
+        );
+    }
+    assert_eq!(
+        fake.total_requests(),
+        warmed,
+        "the warmed data dir answered everything"
+    );
+    server.shutdown().await;
+
+    // A bad image reference is a clear error, not a crash.
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["warm", "--registry", "http://127.0.0.1:1", "Not/Valid"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not an image reference"));
+}

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use images::TestImages;
 use upstream::Upstream;
-use wharf::Wharf;
+use wharf::{Wharf, WharfOpts};
 
 pub fn direct_mode() -> bool {
     std::env::var("WHARF_E2E_DIRECT").is_ok_and(|v| v == "1")
@@ -45,6 +45,11 @@ pub struct Fixture {
 impl Fixture {
     /// Start and seed the upstream, then wharf (unless in direct mode).
     pub fn start(test: &str) -> Fixture {
+        Fixture::start_with(test, &WharfOpts::default())
+    }
+
+    /// `start`, with wharf's config built from `opts`.
+    pub fn start_with(test: &str, opts: &WharfOpts) -> Fixture {
         let started = std::time::Instant::now();
         util::require_root();
         // Fail fast with the setup hint if anything is missing.
@@ -72,10 +77,10 @@ impl Fixture {
             );
             None
         } else {
-            Some(Wharf::start(
+            Some(Wharf::start_with(
                 &path.join("wharf"),
                 &upstream.authed.url(),
-                "5m",
+                opts,
             ))
         };
         eprintln!(

@@ -172,11 +172,19 @@ impl TokenServer {
     }
 }
 
-impl Drop for TokenServer {
-    fn drop(&mut self) {
+impl TokenServer {
+    /// Stop accepting connections (the listening socket is closed, so new
+    /// connections are refused). Idempotent; also done on drop.
+    pub fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

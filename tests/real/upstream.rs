@@ -130,6 +130,29 @@ impl Upstream {
         }
     }
 
+    /// An outage: stop both registry processes and the token server, so
+    /// every upstream port refuses connections. The access log stays readable.
+    pub fn stop(&mut self, rt: &tokio::runtime::Runtime) {
+        self.authed.proc.stop();
+        self.open.proc.stop();
+        self.token.stop();
+        // Let the accept loop see the shutdown and drop its listener.
+        let realm = self.token.realm.clone();
+        let addr = realm
+            .trim_start_matches("http://")
+            .trim_end_matches("/token")
+            .to_string();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            let refused = rt.block_on(tokio::net::TcpStream::connect(&addr)).is_err();
+            if refused {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("token server {realm} still accepts connections after stop");
+    }
+
     /// Push every artifact through the open registry.
     pub fn seed(&self, rt: &tokio::runtime::Runtime, artifacts: &[&Artifact]) {
         let client = reqwest::Client::builder()
