@@ -176,6 +176,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let service_api = api.clone();
     let task = tokio::spawn(server::serve(
+        "api",
         listener,
         tls.clone(),
         move |req| service_api.clone().handle(req),
@@ -187,6 +188,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_api = api.clone();
     tokio::spawn(server::serve(
+        "admin",
         admin_listener,
         None,
         move |req| api::ops::handle(admin_api.clone(), req),

@@ -114,6 +114,7 @@ fn classify_cache(subject: Subject, e: &CacheError) -> (StatusCode, &'static str
             | UpstreamError::Connect(_)
             | UpstreamError::Body(_)
             | UpstreamError::Protocol(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE", None),
+            UpstreamError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", None),
         },
         CacheError::DigestMismatch { .. } => (StatusCode::BAD_GATEWAY, "UNAVAILABLE", None),
         CacheError::FillFailed(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE", None),

@@ -330,7 +330,11 @@ impl Cache {
             {
                 Err(_) => return Err(upstream_err(UpstreamError::Timeout("body data"))),
                 Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(upstream_err(UpstreamError::Body(e.to_string()))),
+                Ok(Some(Err(e))) => {
+                    return Err(upstream_err(UpstreamError::Body(
+                        crate::upstream::error_chain(e),
+                    )))
+                }
                 Ok(Some(Ok(chunk))) => chunk,
             };
             let mut batch_len = first.len();
@@ -342,7 +346,9 @@ impl Cache {
                         batch.push(chunk);
                     }
                     Some(Some(Err(e))) => {
-                        return Err(upstream_err(UpstreamError::Body(e.to_string())))
+                        return Err(upstream_err(UpstreamError::Body(
+                            crate::upstream::error_chain(e),
+                        )))
                     }
                     Some(None) => {
                         ended = true;

@@ -122,6 +122,10 @@ pub struct Cache {
 
 pub const INDEX_FILE: &str = "index.redb";
 
+/// A tag revalidation has a cached answer to fall back on, so it waits no
+/// longer than this for upstream (and never past `response_timeout`).
+const REVALIDATE_PATIENCE: Duration = Duration::from_secs(5);
+
 /// How long misses stream straight from upstream after the disk refused a write.
 const STORAGE_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -390,7 +394,10 @@ impl Cache {
         };
 
         if let Some((manifest, _)) = &cached_manifest {
-            match upstream.head_manifest(repo, tag, MANIFEST_TYPES).await {
+            match upstream
+                .head_manifest(repo, tag, MANIFEST_TYPES, REVALIDATE_PATIENCE)
+                .await
+            {
                 Ok(head) if head.digest.as_ref() == Some(&manifest.digest) => {
                     self.confirm_tag(key, manifest)?;
                     return Ok((manifest.clone(), Freshness::Revalidated));

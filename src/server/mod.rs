@@ -22,7 +22,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `listener` until `shutdown` resolves, then waits up to `grace`
 /// for open requests to finish. With `tls`, every connection is TLS.
+/// `name` tells the listeners apart in logs.
 pub async fn serve<S, F, B>(
+    name: &'static str,
     listener: TcpListener,
     tls: Option<Arc<tls::TlsFiles>>,
     service: S,
@@ -44,7 +46,7 @@ pub async fn serve<S, F, B>(
                 Ok(conn) => conn,
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(listener = name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -91,7 +93,7 @@ pub async fn serve<S, F, B>(
     }
     drop(listener);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections drained"),
-        () = tokio::time::sleep(grace) => tracing::warn!(grace_s = grace.as_secs(), "shutdown grace period over; closing remaining connections"),
+        () = graceful.shutdown() => tracing::info!(listener = name, "all connections drained"),
+        () = tokio::time::sleep(grace) => tracing::warn!(listener = name, grace_s = grace.as_secs(), "shutdown grace period over; closing remaining connections"),
     }
 }

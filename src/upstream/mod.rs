@@ -13,10 +13,14 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, LINK, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, StatusCode};
+use std::error::Error as _;
 use std::time::Duration;
 
 /// Manifests are small; anything bigger is a broken or hostile upstream.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// After a failed connection attempt, requests to that upstream fail fast
+/// for this long instead of each waiting out `connect_timeout` again.
+const OUTAGE_COOLDOWN: Duration = Duration::from_secs(10);
 /// Bounds how many tag pages wharf follows from a paginating upstream.
 const MAX_TAG_PAGES: usize = 100;
 
@@ -44,6 +48,10 @@ pub enum UpstreamError {
     Body(String),
     #[error("upstream sent something invalid: {0}")]
     Protocol(String),
+    /// The upstream failed to connect or answer moments ago; asking again
+    /// now would only wait out the same timeouts.
+    #[error("upstream unavailable ({0}); retrying in a few seconds")]
+    Unavailable(String),
 }
 
 impl UpstreamError {
@@ -58,6 +66,7 @@ impl UpstreamError {
             UpstreamError::Timeout(_) => "timeout",
             UpstreamError::Body(_) => "body",
             UpstreamError::Protocol(_) => "protocol",
+            UpstreamError::Unavailable(_) => "unavailable",
         }
     }
 
@@ -68,7 +77,8 @@ impl UpstreamError {
             UpstreamError::Connect(_)
             | UpstreamError::Timeout(_)
             | UpstreamError::RateLimited { .. }
-            | UpstreamError::Body(_) => true,
+            | UpstreamError::Body(_)
+            | UpstreamError::Unavailable(_) => true,
             UpstreamError::Status(code) => *code >= 500,
             UpstreamError::NotFound | UpstreamError::Denied(_) | UpstreamError::Protocol(_) => {
                 false
@@ -97,6 +107,9 @@ pub struct Upstream {
     http: reqwest::Client,
     tokens: TokenCache,
     metrics: std::sync::Arc<Metrics>,
+    /// Until when requests fail fast after a connection failure or
+    /// timeout, and why.
+    outage: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl Upstream {
@@ -126,6 +139,7 @@ impl Upstream {
             http,
             tokens: TokenCache::default(),
             metrics,
+            outage: std::sync::Mutex::new(None),
         })
     }
 
@@ -160,14 +174,20 @@ impl Upstream {
         })
     }
 
+    /// A HEAD that waits at most `patience` for the answer: a caller with
+    /// a cached answer to fall back on need not wait out `response_timeout`.
     pub async fn head_manifest(
         &self,
         repo: &str,
         reference: &str,
         accept: &str,
+        patience: Duration,
     ) -> Result<ManifestHead, UpstreamError> {
         let url = self.url(repo, &format!("manifests/{reference}"));
-        let resp = self.send(Method::HEAD, &url, repo, accept).await?;
+        let patience = patience.min(self.config.response_timeout);
+        let resp = self
+            .send_with(Method::HEAD, &url, repo, accept, None, patience)
+            .await?;
         Ok(ManifestHead {
             digest: claimed_digest(resp.headers())?,
         })
@@ -183,7 +203,15 @@ impl Upstream {
     ) -> Result<reqwest::Response, UpstreamError> {
         let url = self.url(repo, &format!("blobs/{digest}"));
         let range = range.map(|r| (http::header::RANGE, r));
-        self.send_with(Method::GET, &url, repo, "*/*", range).await
+        self.send_with(
+            Method::GET,
+            &url,
+            repo,
+            "*/*",
+            range,
+            self.config.response_timeout,
+        )
+        .await
     }
 
     /// The blob's size, if upstream says.
@@ -275,7 +303,7 @@ impl Upstream {
             match tokio::time::timeout(self.config.read_timeout, stream.next()).await {
                 Err(_) => return Err(UpstreamError::Timeout("body data")),
                 Ok(None) => return Ok(body.freeze()),
-                Ok(Some(Err(e))) => return Err(UpstreamError::Body(error_chain(&e))),
+                Ok(Some(Err(e))) => return Err(UpstreamError::Body(error_chain(e))),
                 Ok(Some(Ok(chunk))) => {
                     if body.len() + chunk.len() > cap {
                         return Err(UpstreamError::Protocol(format!(
@@ -298,7 +326,15 @@ impl Upstream {
         repo: &str,
         accept: &str,
     ) -> Result<reqwest::Response, UpstreamError> {
-        self.send_with(method, url, repo, accept, None).await
+        self.send_with(
+            method,
+            url,
+            repo,
+            accept,
+            None,
+            self.config.response_timeout,
+        )
+        .await
     }
 
     async fn send_with(
@@ -308,11 +344,18 @@ impl Upstream {
         repo: &str,
         accept: &str,
         extra: Option<(http::header::HeaderName, &str)>,
+        patience: Duration,
     ) -> Result<reqwest::Response, UpstreamError> {
+        if let Some(reason) = self.recent_outage() {
+            return Err(UpstreamError::Unavailable(reason));
+        }
         let started = std::time::Instant::now();
         let result = self
-            .send_once_authenticated(method, url, repo, accept, extra)
+            .send_once_authenticated(method, url, repo, accept, extra, patience)
             .await;
+        if result.is_ok() {
+            *self.outage.lock().expect("outage lock") = None;
+        }
         let labels = self.metrics.upstream(&self.config.name);
         self.metrics
             .upstream_duration
@@ -330,6 +373,25 @@ impl Upstream {
         result
     }
 
+    /// The host refused or dropped the connection attempt: fail fast for a
+    /// while rather than have every request wait out `connect_timeout`.
+    fn note_unreachable(&self, error: &UpstreamError) {
+        tracing::warn!(upstream = %self.config.name, %error, "upstream unreachable; failing fast for {}s", OUTAGE_COOLDOWN.as_secs());
+        *self.outage.lock().expect("outage lock") = Some((
+            std::time::Instant::now() + OUTAGE_COOLDOWN,
+            error.to_string(),
+        ));
+    }
+
+    /// Why requests fail fast right now, if they do.
+    fn recent_outage(&self) -> Option<String> {
+        let outage = self.outage.lock().expect("outage lock");
+        outage
+            .as_ref()
+            .filter(|(until, _)| std::time::Instant::now() < *until)
+            .map(|(_, reason)| reason.clone())
+    }
+
     async fn send_once_authenticated(
         &self,
         method: Method,
@@ -337,6 +399,7 @@ impl Upstream {
         repo: &str,
         accept: &str,
         extra: Option<(http::header::HeaderName, &str)>,
+        patience: Duration,
     ) -> Result<reqwest::Response, UpstreamError> {
         let scope = format!("repository:{repo}:pull");
         let mut challenged = false;
@@ -351,12 +414,23 @@ impl Upstream {
             if let Some((name, value)) = &extra {
                 request = request.header(name.clone(), *value);
             }
-            let resp = match tokio::time::timeout(self.config.response_timeout, request.send())
-                .await
-            {
+            let resp = match tokio::time::timeout(patience, request.send()).await {
                 Err(_) => return Err(UpstreamError::Timeout("response headers")),
-                Ok(Err(e)) if e.is_timeout() => return Err(UpstreamError::Timeout("connection")),
-                Ok(Err(e)) => return Err(UpstreamError::Connect(error_chain(&e))),
+                Ok(Err(e)) if e.is_timeout() => {
+                    let error = UpstreamError::Timeout("connection");
+                    if e.is_connect() {
+                        self.note_unreachable(&error);
+                    }
+                    return Err(error);
+                }
+                Ok(Err(e)) => {
+                    let unreachable = e.is_connect();
+                    let error = UpstreamError::Connect(error_chain(e));
+                    if unreachable {
+                        self.note_unreachable(&error);
+                    }
+                    return Err(error);
+                }
                 Ok(Ok(resp)) => resp,
             };
             let status = resp.status();
@@ -435,7 +509,7 @@ impl Upstream {
                     Ok(Err(e)) => {
                         return Err(UpstreamError::Connect(format!(
                             "token realm: {}",
-                            error_chain(&e)
+                            error_chain(e)
                         )))
                     }
                     Ok(Ok(resp)) => resp,
@@ -512,7 +586,9 @@ fn next_link(header: &str) -> Option<String> {
 
 /// reqwest's Display hides the cause ("error sending request"); the chain
 /// says what actually happened (connection refused, reset, …).
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// The URL is left out: it names upstream internals and repeats the request.
+pub(crate) fn error_chain(e: reqwest::Error) -> String {
+    let e = e.without_url();
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
