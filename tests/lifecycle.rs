@@ -6,7 +6,6 @@
 mod common;
 mod harness;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -245,15 +244,7 @@ impl WharfProcess {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn wharf");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("wharf listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let addr = common::listening_addr(&mut child);
         WharfProcess {
             child,
             base: format!("http://{addr}"),

@@ -6,7 +6,7 @@ mod common;
 mod harness;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -267,15 +267,7 @@ async fn sigterm_lets_a_download_finish_and_exits_zero() {
         })
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("wharf listening on ")
-        .unwrap()
-        .to_string();
+    let addr = common::listening_addr(&mut child);
 
     let c = http::client();
     let mut resp = c

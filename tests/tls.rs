@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -102,7 +101,10 @@ fn served_subject(addr: &str, ca: &Path) -> String {
         .output()
         .unwrap();
     // OpenSSL prints `subject=CN = server`; drop the spaces.
-    String::from_utf8_lossy(&out.stdout).replace(' ', "").trim().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .replace(' ', "")
+        .trim()
+        .to_string()
 }
 
 struct Wharf {
@@ -138,15 +140,7 @@ fn start(dir: &Path, certs: &Path, upstream: &str) -> Wharf {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("wharf listening on ")
-        .unwrap_or_else(|| panic!("wharf did not start: {line:?}"))
-        .to_string();
+    let addr = common::listening_addr(&mut child);
     Wharf { child, addr }
 }
 
