@@ -282,7 +282,6 @@ impl Cache {
                     upstream = upstream.name(), repo, %digest, bytes = len,
                     ms = started.elapsed().as_millis() as u64, "blob fill committed"
                 );
-                tx.send_replace(Progress::Verified { len });
                 let cache = self.clone();
                 let _ = tokio::task::spawn_blocking(move || cache.enforce_budget()).await;
             }
@@ -292,7 +291,6 @@ impl Cache {
                     max_size = self.budget.limits().max_size,
                     "blob is larger than the whole cache budget: streamed, verified, not kept"
                 );
-                tx.send_replace(Progress::Verified { len });
             }
             Err(e) => {
                 if let CacheError::Storage(io) = &e {
@@ -323,60 +321,28 @@ impl Cache {
         let total = resp.content_length();
         tx.send_replace(Progress::Writing { written: 0, total });
         let mut body = resp.bytes_stream();
-        let mut temp = Some(temp);
-        let mut ended = false;
-        while !ended {
-            let first = match tokio::time::timeout(upstream.config.read_timeout, body.next()).await
-            {
-                Err(_) => return Err(upstream_err(UpstreamError::Timeout("body data"))),
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
-                    return Err(upstream_err(UpstreamError::Body(
-                        crate::upstream::error_chain(e),
-                    )))
-                }
-                Ok(Some(Ok(chunk))) => chunk,
-            };
-            let mut batch_len = first.len();
-            let mut batch = vec![first];
-            while batch_len < WRITE_BATCH {
-                match body.next().now_or_never() {
-                    Some(Some(Ok(chunk))) => {
-                        batch_len += chunk.len();
-                        batch.push(chunk);
-                    }
-                    Some(Some(Err(e))) => {
-                        return Err(upstream_err(UpstreamError::Body(
-                            crate::upstream::error_chain(e),
-                        )))
-                    }
-                    Some(None) => {
-                        ended = true;
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            upstream.count_fetched(batch_len);
-            let mut writer = temp.take().expect("temp present while filling");
-            let (writer, result) = tokio::task::spawn_blocking(move || {
-                let result = batch.iter().try_for_each(|chunk| writer.append(chunk));
-                (writer, result)
-            })
+        // One write is in flight while the next batch arrives, so the fill
+        // runs at the pace of the slower of network and disk, not their sum.
+        let mut writer = Some(temp);
+        let mut in_flight: Option<WriteTask> = None;
+        while let Some(batch) = next_batch(&mut body, upstream)
             .await
-            .map_err(|e| CacheError::Storage(io::Error::other(e)))?;
-            result?;
-            let written = writer.written();
-            if total.is_some_and(|total| written > total) {
-                return Err(upstream_err(UpstreamError::Protocol(format!(
-                    "blob body is longer than its Content-Length {}",
-                    total.unwrap_or_default()
-                ))));
+            .map_err(upstream_err)?
+        {
+            upstream.count_fetched(batch.iter().map(Bytes::len).sum());
+            if let Some(task) = in_flight.take() {
+                writer = Some(self.finish_write(task, total, tx, upstream).await?);
             }
-            tx.send_replace(Progress::Writing { written, total });
-            temp = Some(writer);
+            let mut w = writer.take().expect("writer idle between writes");
+            in_flight = Some(tokio::task::spawn_blocking(move || {
+                let result = batch.iter().try_for_each(|chunk| w.append(chunk));
+                (w, result)
+            }));
         }
-        let writer = temp.take().expect("temp present after body");
+        let mut writer = match in_flight {
+            Some(task) => self.finish_write(task, total, tx, upstream).await?,
+            None => writer.take().expect("writer idle after the body"),
+        };
         if let Some(total) = total {
             if writer.written() != total {
                 return Err(upstream_err(UpstreamError::Body(format!(
@@ -385,17 +351,87 @@ impl Cache {
                 ))));
             }
         }
-        let dest = self.store.path(Kind::Blob, digest);
-        let keep = self.budget.fits(writer.written());
-        let finished = tokio::task::spawn_blocking(move || {
-            if keep {
-                writer.commit(&dest).map(Filled::Kept)
-            } else {
-                writer.verify_and_discard().map(Filled::Passed)
-            }
+        let (writer, verified) = blocking(move || {
+            let verified = writer.verify();
+            (writer, verified)
         })
-        .await
-        .map_err(|e| CacheError::Storage(io::Error::other(e)))?;
-        finished.map_err(|e| CacheError::from_commit(upstream, e))
+        .await?;
+        let len = verified.map_err(|e| CacheError::from_commit(upstream, e))?;
+        // Readers get their last byte only once the blob is durable, so a
+        // completed pull means a committed blob, even across a crash.
+        let filled = if self.budget.fits(len) {
+            let dest = self.store.path(Kind::Blob, digest);
+            blocking(move || writer.persist(&dest)).await??;
+            Filled::Kept(len)
+        } else {
+            Filled::Passed(len)
+        };
+        tx.send_replace(Progress::Verified { len });
+        Ok(filled)
     }
+
+    /// Waits for a write, checks it against the announced length, and
+    /// tells readers how far the file goes.
+    async fn finish_write(
+        &self,
+        task: WriteTask,
+        total: Option<u64>,
+        tx: &watch::Sender<Progress>,
+        upstream: &Upstream,
+    ) -> Result<TempBlob, CacheError> {
+        let (writer, result) = task
+            .await
+            .map_err(|e| CacheError::Storage(io::Error::other(e)))?;
+        result?;
+        let written = writer.written();
+        if let Some(total) = total.filter(|total| written > *total) {
+            return Err(CacheError::upstream(
+                upstream,
+                UpstreamError::Protocol(format!(
+                    "blob body is longer than its Content-Length {total}"
+                )),
+            ));
+        }
+        tx.send_replace(Progress::Writing { written, total });
+        Ok(writer)
+    }
+}
+
+type WriteTask = tokio::task::JoinHandle<(TempBlob, io::Result<()>)>;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, CacheError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CacheError::Storage(io::Error::other(e)))
+}
+
+/// The next chunks from upstream: waits (up to `read_timeout`) for one,
+/// then takes whatever else is already there, up to [`WRITE_BATCH`] bytes.
+async fn next_batch(
+    body: &mut (impl Stream<Item = reqwest::Result<Bytes>> + Unpin),
+    upstream: &Upstream,
+) -> Result<Option<Vec<Bytes>>, UpstreamError> {
+    let first = match tokio::time::timeout(upstream.config.read_timeout, body.next()).await {
+        Err(_) => return Err(UpstreamError::Timeout("body data")),
+        Ok(None) => return Ok(None),
+        Ok(Some(chunk)) => {
+            chunk.map_err(|e| UpstreamError::Body(crate::upstream::error_chain(e)))?
+        }
+    };
+    let mut batch_len = first.len();
+    let mut batch = vec![first];
+    while batch_len < WRITE_BATCH {
+        match body.next().now_or_never() {
+            Some(Some(chunk)) => {
+                let chunk =
+                    chunk.map_err(|e| UpstreamError::Body(crate::upstream::error_chain(e)))?;
+                batch_len += chunk.len();
+                batch.push(chunk);
+            }
+            Some(None) | None => break,
+        }
+    }
+    Ok(Some(batch))
 }

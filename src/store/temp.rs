@@ -61,21 +61,17 @@ impl TempBlob {
         self.written
     }
 
-    /// Verifies the content and removes the file: for blobs that are served
-    /// but not kept. Readers that opened it keep their descriptors.
-    pub fn verify_and_discard(mut self) -> Result<u64, CommitError> {
-        self.check()?;
-        Ok(self.written)
-    }
-
-    fn check(&mut self) -> Result<(), CommitError> {
+    /// Checks the content against the expected digest; call once, after
+    /// the last append. Dropping the blob afterwards removes the file
+    /// (a blob served but not kept); readers keep their descriptors.
+    pub fn verify(&mut self) -> Result<u64, CommitError> {
         let actual = self
             .verifier
             .take()
-            .expect("verifier present until commit")
+            .expect("verify is called once")
             .finish();
         if actual == self.expected {
-            Ok(())
+            Ok(self.written)
         } else {
             Err(CommitError::Mismatch {
                 expected: self.expected.clone(),
@@ -84,17 +80,23 @@ impl TempBlob {
         }
     }
 
-    /// Verifies, fsyncs and renames to `dest`. On a mismatch the temp file
-    /// is removed (by drop) and nothing appears at `dest`.
+    /// Verifies, then makes the blob durable at `dest`. On a mismatch the
+    /// temp file is removed (by drop) and nothing appears at `dest`.
     pub fn commit(mut self, dest: &Path) -> Result<u64, CommitError> {
-        self.check()?;
+        let len = self.verify()?;
+        self.persist(dest)?;
+        Ok(len)
+    }
+
+    /// fsyncs and renames a verified blob to `dest`.
+    pub fn persist(mut self, dest: &Path) -> std::io::Result<()> {
+        assert!(self.verifier.is_none(), "persist only after verify");
         self.file.sync_all()?;
         let parent = dest.parent().expect("store paths have a parent");
         fs::create_dir_all(parent)?;
         fs::rename(&self.path, dest)?;
         self.committed = true;
-        sync_dir(parent)?;
-        Ok(self.written)
+        sync_dir(parent)
     }
 }
 
