@@ -117,8 +117,12 @@ impl Fixture {
         }
     }
 
+    /// `http://127.0.0.1:PORT`, or `https://` when wharf serves TLS.
     pub fn mirror_url(&self) -> String {
-        format!("http://{}", self.mirror_addr())
+        match &self.wharf {
+            Some(w) => w.url(),
+            None => format!("http://{}", self.mirror_addr()),
+        }
     }
 
     /// Log tails of wharf and the upstream, for panic messages.

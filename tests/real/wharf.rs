@@ -15,6 +15,8 @@ pub struct Wharf {
     pub addr: String,
     pub data_dir: PathBuf,
     pub config: PathBuf,
+    /// The CA to trust when wharf serves TLS.
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// The binary cargo built for this test run, or `WHARF_E2E_BIN` to test
@@ -37,6 +39,92 @@ pub struct WharfOpts {
     pub upstream_extra: String,
     /// Appended verbatim at the end (more `[[upstream]]` tables).
     pub extra_toml: String,
+    /// Serve the API over TLS (`[server] tls_cert`/`tls_key`); readiness is
+    /// then probed over HTTPS trusting `ca`.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for wharf's TLS listener and the CA that signed its certificate.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// A fresh test CA (`ca.crt`) and a server certificate for IP 127.0.0.1
+    /// and DNS localhost signed by it (`server.crt`, `server.key`) in `dir`,
+    /// made with the `openssl` CLI.
+    pub fn generate(dir: &Path) -> TlsFiles {
+        std::fs::create_dir_all(dir).expect("tls dir");
+        let openssl = super::util::find_program("openssl");
+        let none = || String::new();
+        let ssl = |args: &[&str]| {
+            super::util::run_ok(
+                Command::new(&openssl).args(args).current_dir(dir),
+                Duration::from_secs(60),
+                &none,
+            );
+        };
+        ssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-sha256",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=wharf e2e test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        ssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-sha256",
+            "-subj",
+            "/CN=wharf e2e server",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .expect("write san.ext");
+        ssl(&[
+            "x509",
+            "-req",
+            "-sha256",
+            "-days",
+            "2",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ]);
+        TlsFiles {
+            cert: dir.join("server.crt"),
+            key: dir.join("server.key"),
+            ca: dir.join("ca.crt"),
+        }
+    }
 }
 
 impl Default for WharfOpts {
@@ -46,6 +134,7 @@ impl Default for WharfOpts {
             max_size: None,
             upstream_extra: String::new(),
             extra_toml: String::new(),
+            tls: None,
         }
     }
 }
@@ -72,13 +161,24 @@ impl Wharf {
             .as_ref()
             .map(|m| format!("max_size = \"{m}\"\n"))
             .unwrap_or_default();
+        let tls = opts
+            .tls
+            .as_ref()
+            .map(|t| {
+                format!(
+                    "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                    t.cert.display(),
+                    t.key.display()
+                )
+            })
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
                 r#"[server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
-
+{tls}
 [storage]
 dir = "{data}"
 {max_size}
@@ -174,13 +274,36 @@ default = true
             addr,
             data_dir,
             config,
+            tls_ca: opts.tls.as_ref().map(|t| t.ca.clone()),
         };
         let addr = w.addr.clone();
-        w.proc
-            .wait_ready("GET /v2/ -> 200", Duration::from_secs(10), || {
-                super::util::http_status(&addr, "/v2/") == Some(200)
-            });
+        match w.tls_ca.clone() {
+            None => w
+                .proc
+                .wait_ready("GET /v2/ -> 200", Duration::from_secs(10), || {
+                    super::util::http_status(&addr, "/v2/") == Some(200)
+                }),
+            Some(ca) => {
+                let status = https_prober(&ca);
+                let url = format!("https://{addr}/v2/");
+                w.proc.wait_ready(
+                    "GET /v2/ over TLS (trusting the test CA) -> 200",
+                    Duration::from_secs(10),
+                    || status(&url) == Some(200),
+                )
+            }
+        }
         w
+    }
+
+    /// `http://ADDR`, or `https://ADDR` when wharf serves TLS.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn logs(&self) -> String {
@@ -195,5 +318,28 @@ default = true
     /// SIGTERM (then SIGKILL after the grace period) and wait for exit.
     pub fn stop(&mut self) {
         self.proc.stop();
+    }
+}
+
+/// A status probe for `https://` URLs that trusts only `ca` (its own
+/// single-thread runtime: called from the tests' synchronous code).
+fn https_prober(ca: &Path) -> impl Fn(&str) -> Option<u16> {
+    let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("{}: {e}", ca.display()));
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("CA PEM"))
+        .no_proxy()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .expect("reqwest client");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("probe runtime");
+    move |url: &str| {
+        // Build the request inside the runtime: its timeout needs a timer.
+        rt.block_on(async { client.get(url).send().await })
+            .ok()
+            .map(|r| r.status().as_u16())
     }
 }
