@@ -260,11 +260,7 @@ async fn sigterm_lets_a_download_finish_and_exits_zero() {
         .arg("--upstream")
         .arg(format!("docker.io={}", fake.url()))
         .stdout(Stdio::piped())
-        .stderr(if std::env::var("DEBUG_OPS").is_ok() {
-            Stdio::inherit()
-        } else {
-            Stdio::piped()
-        })
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let addr = common::listening_addr(&mut child);

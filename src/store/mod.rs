@@ -197,11 +197,6 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Writes all of `bytes`; a helper so temp and small writes share one path.
-fn write_all(file: &mut File, bytes: &[u8]) -> io::Result<()> {
-    file.write_all(bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

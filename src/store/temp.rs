@@ -1,10 +1,10 @@
 //! A blob being written: hashed as it is appended, committed by fsync and
 //! rename only when its digest matches, removed if dropped uncommitted.
 
-use super::{sync_dir, write_all};
+use super::sync_dir;
 use crate::digest::{Digest, Verifier};
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -48,7 +48,7 @@ impl TempBlob {
     }
 
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        write_all(&mut self.file, bytes)?;
+        self.file.write_all(bytes)?;
         self.verifier
             .as_mut()
             .expect("verifier present until commit")
