@@ -111,9 +111,12 @@ pub enum CacheAction {
 
 pub fn run(command: Command) -> ExitCode {
     let result = match command {
-        Command::CheckConfig { file } => load(Some(&file), &Overrides::default()).map(|_| {
-            println!("{}: ok", file.display());
-        }),
+        Command::CheckConfig { file } => load(Some(&file), &Overrides::default())
+            .and_then(|config| {
+                crate::access::Access::new(&config)
+                    .map_err(|e| format!("{}: auth.htpasswd: {e}", file.display()))
+            })
+            .map(|_| println!("{}: ok", file.display())),
         Command::Serve {
             config,
             listen,
@@ -238,24 +241,33 @@ async fn serve(config: Config) -> ExitCode {
         server.admin_addr()
     );
     let _ = stdout.flush();
-    if let Some(tls) = server.tls() {
-        tokio::spawn(reload_on_sighup(tls));
-    }
+    tokio::spawn(reload_on_sighup(server.tls(), server.access()));
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await;
     ExitCode::SUCCESS
 }
 
-/// Re-reads the TLS certificate and key on every SIGHUP.
-async fn reload_on_sighup(tls: Arc<crate::server::tls::TlsFiles>) {
+/// Re-reads the TLS certificate and key and the htpasswd file on every SIGHUP.
+async fn reload_on_sighup(
+    tls: Option<Arc<crate::server::tls::TlsFiles>>,
+    access: Arc<crate::access::Access>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     while hup.recv().await.is_some() {
-        match tls.reload() {
-            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-            Err(e) => {
+        match tls.as_ref().map(|tls| tls.reload()) {
+            None => {}
+            Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+            Some(Err(e)) => {
                 tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate")
+            }
+        }
+        match access.reload() {
+            Ok(None) => {}
+            Ok(Some(users)) => tracing::info!(users, "SIGHUP: htpasswd reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: htpasswd reload failed; keeping the old users")
             }
         }
     }

@@ -14,7 +14,52 @@ pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
     pub cache: CacheConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    /// Repository rules, in file order: the first that matches decides.
+    pub policy: Vec<PolicyRule>,
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// Client authentication: who may pull from `require_auth` upstreams.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// An htpasswd file of bcrypt entries (`htpasswd -B`).
+    pub htpasswd: Option<PathBuf>,
+    /// The realm named in the `WWW-Authenticate: Basic` challenge.
+    pub realm: String,
+}
+
+/// Bounds on what clients and fills may take.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Open client connections; more are closed at once.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (slowloris).
+    pub header_timeout: Duration,
+    /// Bytes of request headers (431 beyond).
+    pub max_header_size: usize,
+    /// Bytes of request target, path and query (414 beyond).
+    pub max_url_length: usize,
+    /// Blob fills from upstream running at once (429 beyond).
+    pub max_fills: usize,
+    /// Requests in flight from one client IP address (429 beyond).
+    pub client_requests: usize,
+}
+
+/// Whether a [`PolicyRule`] lets matching repositories through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+/// One `[[policy]]` table: glob patterns over `upstream/repository`.
+#[derive(Debug, Clone)]
+pub struct PolicyRule {
+    pub name: String,
+    pub effect: Effect,
+    pub patterns: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +113,11 @@ pub struct UpstreamConfig {
     pub read_timeout: Duration,
     /// Accept any TLS certificate from this upstream. Dangerous; logged loudly.
     pub insecure_skip_verify: bool,
+    /// Clients must authenticate (`[auth]`) to pull through this upstream.
+    pub require_auth: bool,
+    /// Follow redirects to loopback, link-local and private addresses. Off
+    /// unless the upstream itself is at such an address.
+    pub allow_private_redirects: bool,
 }
 
 // Hand-written so the password never reaches a log line.
@@ -81,6 +131,8 @@ impl fmt::Debug for UpstreamConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("ca_file", &self.ca_file)
             .field("auth_realms", &self.auth_realms)
+            .field("require_auth", &self.require_auth)
+            .field("allow_private_redirects", &self.allow_private_redirects)
             .finish_non_exhaustive()
     }
 }
@@ -162,7 +214,13 @@ impl Config {
                 })
             }
         };
-        r.unknown_keys(&root, "", &["server", "storage", "cache", "upstream"]);
+        r.unknown_keys(
+            &root,
+            "",
+            &[
+                "server", "storage", "cache", "auth", "limits", "policy", "upstream",
+            ],
+        );
 
         let server = r.table(&root, "server");
         r.unknown_keys(
@@ -259,6 +317,10 @@ impl Config {
             .duration(cache, "cache.negative_ttl")
             .unwrap_or(Duration::from_secs(5));
 
+        let auth = r.auth(&root);
+        let limits = r.limits(&root);
+        let policy = r.policy(&root);
+
         let upstreams = if !overrides.upstreams.is_empty() {
             r.flag_upstreams(&overrides.upstreams)
         } else if root.contains_key("upstream") {
@@ -273,6 +335,7 @@ impl Config {
                 .collect()
         };
         r.check_upstream_set(&upstreams);
+        r.check_access(&auth, &policy, &upstreams);
 
         if !r.issues.is_empty() {
             return Err(ConfigError { issues: r.issues });
@@ -296,6 +359,9 @@ impl Config {
                 stale_if_error,
                 negative_ttl,
             },
+            auth,
+            limits,
+            policy,
             upstreams,
         })
     }
@@ -312,7 +378,6 @@ impl UpstreamConfig {
     fn new(name: &str, url: Url, default: bool) -> UpstreamConfig {
         UpstreamConfig {
             name: name.to_owned(),
-            url,
             default,
             username: None,
             password: None,
@@ -322,6 +387,58 @@ impl UpstreamConfig {
             response_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(60),
             insecure_skip_verify: false,
+            require_auth: false,
+            allow_private_redirects: is_private_host(&url),
+            url,
+        }
+    }
+}
+
+/// Whether `url` names loopback, a private or link-local network, or a
+/// name that only resolves locally.
+pub fn is_private_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => is_private_ip(std::net::IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => is_private_ip(std::net::IpAddr::V6(ip)),
+        Some(url::Host::Domain(name)) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost"
+                || !name.contains('.')
+                || [".localhost", ".local", ".internal", ".lan", ".home.arpa"]
+                    .iter()
+                    .any(|suffix| name.ends_with(suffix))
+        }
+        None => false,
+    }
+}
+
+/// Loopback, private (RFC 1918, ULA), link-local, CGNAT, unspecified and
+/// other addresses no public registry redirects to.
+pub fn is_private_ip(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+        }
+        std::net::IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            match v6.to_ipv4_mapped() {
+                Some(v4) => is_private_ip(std::net::IpAddr::V4(v4)),
+                None => {
+                    v6.is_loopback()
+                        || v6.is_unspecified()
+                        || v6.is_multicast()
+                        || (first & 0xfe00) == 0xfc00
+                        || (first & 0xffc0) == 0xfe80
+                }
+            }
         }
     }
 }
@@ -483,6 +600,191 @@ impl Reader {
         })
     }
 
+    /// A positive whole number.
+    fn count(&mut self, table: &Table, path: &str) -> Option<usize> {
+        let key = path.rsplit('.').next().expect("split yields one part");
+        match table.get(key)? {
+            Value::Integer(n) if *n > 0 => Some(*n as usize),
+            other => {
+                self.issue(
+                    path,
+                    format!("expected a positive whole number, found {other}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A byte size: a number, or a string such as "32KiB".
+    fn size(&mut self, table: &Table, path: &str) -> Option<u64> {
+        let key = path.rsplit('.').next().expect("split yields one part");
+        match table.get(key)? {
+            Value::Integer(n) if *n > 0 => Some(*n as u64),
+            Value::String(text) => self.parse_with(path, text, parse_size),
+            _ => {
+                self.issue(path, "expected a size such as \"32KiB\"");
+                None
+            }
+        }
+    }
+
+    fn auth(&mut self, root: &Table) -> AuthConfig {
+        let auth = self.table(root, "auth");
+        self.unknown_keys(auth, "auth.", &["htpasswd", "realm"]);
+        let htpasswd = self.string(auth, "auth.htpasswd").map(PathBuf::from);
+        if let Some(path) = htpasswd.as_ref().filter(|p| !p.is_file()) {
+            self.issue(
+                "auth.htpasswd",
+                format!("{} is not a readable file", path.display()),
+            );
+        }
+        let realm = self
+            .string(auth, "auth.realm")
+            .unwrap_or_else(|| "wharf".into());
+        if realm.is_empty() || realm.contains(['"', '\\']) || realm.chars().any(char::is_control) {
+            self.issue(
+                "auth.realm",
+                "must be non-empty, without quotes, backslashes or control characters",
+            );
+        }
+        AuthConfig { htpasswd, realm }
+    }
+
+    fn limits(&mut self, root: &Table) -> LimitsConfig {
+        let t = self.table(root, "limits");
+        self.unknown_keys(
+            t,
+            "limits.",
+            &[
+                "max_connections",
+                "header_timeout",
+                "max_header_size",
+                "max_url_length",
+                "max_fills",
+                "client_requests",
+            ],
+        );
+        let max_header_size = self.size(t, "limits.max_header_size").unwrap_or(32 << 10);
+        let max_url_length = self.size(t, "limits.max_url_length").unwrap_or(8 << 10);
+        for (key, value, floor) in [
+            ("limits.max_header_size", max_header_size, 1024),
+            ("limits.max_url_length", max_url_length, 512),
+        ] {
+            if !(floor..=1 << 20).contains(&value) {
+                self.issue(
+                    key,
+                    format!("{value} is out of range; expected {floor} bytes to 1MiB"),
+                );
+            }
+        }
+        LimitsConfig {
+            max_connections: self.count(t, "limits.max_connections").unwrap_or(4096),
+            header_timeout: self
+                .duration(t, "limits.header_timeout")
+                .unwrap_or(Duration::from_secs(10)),
+            max_header_size: max_header_size as usize,
+            max_url_length: max_url_length as usize,
+            max_fills: self.count(t, "limits.max_fills").unwrap_or(128),
+            client_requests: self.count(t, "limits.client_requests").unwrap_or(128),
+        }
+    }
+
+    fn policy(&mut self, root: &Table) -> Vec<PolicyRule> {
+        let entries = match root.get("policy") {
+            None => return Vec::new(),
+            Some(Value::Array(entries)) => entries,
+            Some(_) => {
+                self.issue("policy", "expected [[policy]] tables");
+                return Vec::new();
+            }
+        };
+        let mut rules = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let prefix = format!("policy[{i}]");
+            let Value::Table(t) = entry else {
+                self.issue(&prefix, "expected a table");
+                continue;
+            };
+            self.unknown_keys(t, &format!("{prefix}."), &["name", "allow", "deny"]);
+            let name = self
+                .string(t, &format!("{prefix}.name"))
+                .unwrap_or_else(|| prefix.clone());
+            let (effect, key) = match (t.contains_key("allow"), t.contains_key("deny")) {
+                (true, false) => (Effect::Allow, "allow"),
+                (false, true) => (Effect::Deny, "deny"),
+                _ => {
+                    self.issue(
+                        &prefix,
+                        "needs exactly one of allow = [...] or deny = [...]",
+                    );
+                    continue;
+                }
+            };
+            let key = format!("{prefix}.{key}");
+            let patterns: Vec<String> = match t.get(key.rsplit('.').next().expect("key")) {
+                Some(Value::Array(items))
+                    if !items.is_empty() && items.iter().all(Value::is_str) =>
+                {
+                    items
+                        .iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                }
+                _ => {
+                    self.issue(
+                        &key,
+                        "expected a non-empty list of patterns such as \"docker.io/library/*\"",
+                    );
+                    continue;
+                }
+            };
+            for pattern in &patterns {
+                if let Err(message) = crate::access::policy::check_pattern(pattern) {
+                    self.issue(&key, format!("{pattern:?}: {message}"));
+                }
+            }
+            rules.push(PolicyRule {
+                name,
+                effect,
+                patterns,
+            });
+        }
+        rules
+    }
+
+    /// Cross-table checks: `require_auth` needs `[auth]`, and a policy
+    /// pattern must be able to match some configured upstream.
+    fn check_access(
+        &mut self,
+        auth: &AuthConfig,
+        policy: &[PolicyRule],
+        upstreams: &[UpstreamConfig],
+    ) {
+        for (i, u) in upstreams.iter().enumerate() {
+            if u.require_auth && auth.htpasswd.is_none() {
+                self.issue(
+                    &format!("upstream[{i}].require_auth"),
+                    "needs [auth] htpasswd = \"FILE\" to check clients against",
+                );
+            }
+        }
+        for (i, rule) in policy.iter().enumerate() {
+            for pattern in &rule.patterns {
+                let first = pattern.split('/').next().unwrap_or("");
+                let names_upstream = crate::access::policy::check_pattern(first).is_ok()
+                    && upstreams
+                        .iter()
+                        .any(|u| crate::access::policy::glob_matches(first, &u.name));
+                if !names_upstream {
+                    self.issue(
+                        &format!("policy[{i}]"),
+                        format!("{pattern:?} matches no configured upstream; patterns look like \"UPSTREAM/REPOSITORY\", e.g. \"docker.io/library/*\""),
+                    );
+                }
+            }
+        }
+    }
+
     fn flag_upstreams(&mut self, pairs: &[String]) -> Vec<UpstreamConfig> {
         let mut out = Vec::new();
         for (i, pair) in pairs.iter().enumerate() {
@@ -526,6 +828,8 @@ impl Reader {
                     "response_timeout",
                     "read_timeout",
                     "insecure_skip_verify",
+                    "require_auth",
+                    "allow_private_redirects",
                 ],
             );
             let key = |k: &str| format!("{prefix}.{k}");
@@ -544,6 +848,8 @@ impl Reader {
             };
             let default = self.bool(t, &key("default")).unwrap_or(false);
             let insecure_skip_verify = self.bool(t, &key("insecure_skip_verify")).unwrap_or(false);
+            let require_auth = self.bool(t, &key("require_auth")).unwrap_or(false);
+            let allow_private_redirects = self.bool(t, &key("allow_private_redirects"));
             let username = self.string(t, &key("username"));
             let password = self.password(t, &prefix);
             if password.is_some() != username.is_some() {
@@ -581,6 +887,10 @@ impl Reader {
             upstream.ca_file = ca_file;
             upstream.auth_realms = auth_realms;
             upstream.insecure_skip_verify = insecure_skip_verify;
+            upstream.require_auth = require_auth;
+            if let Some(allow) = allow_private_redirects {
+                upstream.allow_private_redirects = allow;
+            }
             for (k, slot) in [
                 ("connect_timeout", &mut upstream.connect_timeout),
                 ("response_timeout", &mut upstream.response_timeout),
@@ -795,6 +1105,120 @@ mod tests {
             .unwrap_err();
         let keys: Vec<_> = err.issues.iter().map(|i| i.key.as_str()).collect();
         assert_eq!(keys, ["storage.max_size", "storage.high_watermark"]);
+    }
+
+    #[test]
+    fn reads_access_and_limits() {
+        let dir = tempfile_dir();
+        let htpasswd = dir.join("htpasswd");
+        std::fs::write(&htpasswd, "").unwrap();
+        let c = Config::from_toml_str(&format!(
+            r#"
+            [auth]
+            htpasswd = "{}"
+            [limits]
+            max_connections = 10
+            header_timeout = "2s"
+            max_header_size = "4KiB"
+            max_url_length = 1024
+            max_fills = 3
+            client_requests = 7
+            [[policy]]
+            name = "no-test"
+            deny = ["docker.io/*/test-*"]
+            [[policy]]
+            allow = ["**"]
+            [[upstream]]
+            name = "docker.io"
+            url = "https://registry-1.docker.io"
+            default = true
+            require_auth = true
+            [[upstream]]
+            name = "local.test"
+            url = "http://10.1.2.3:5000"
+            "#,
+            htpasswd.display()
+        ))
+        .unwrap();
+        assert_eq!(c.limits.max_connections, 10);
+        assert_eq!(c.limits.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.max_header_size, 4096);
+        assert_eq!((c.limits.max_fills, c.limits.client_requests), (3, 7));
+        assert_eq!(c.policy[0].name, "no-test");
+        assert_eq!(c.policy[1].name, "policy[1]");
+        assert_eq!(c.policy[1].effect, Effect::Allow);
+        assert!(c.upstreams[0].require_auth);
+        assert!(!c.upstreams[0].allow_private_redirects);
+        assert!(c.upstreams[1].allow_private_redirects);
+    }
+
+    #[test]
+    fn access_errors_name_their_keys() {
+        let err = Config::from_toml_str(
+            r#"
+            [auth]
+            realm = "a\"b"
+            [limits]
+            max_fills = 0
+            max_header_size = "10"
+            [[policy]]
+            deny = ["Docker.io/x"]
+            [[policy]]
+            allow = ["nowhere.example/x"]
+            [[policy]]
+            allow = ["docker.io/x"]
+            deny = ["docker.io/y"]
+            [[upstream]]
+            name = "docker.io"
+            url = "https://registry-1.docker.io"
+            default = true
+            require_auth = true
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err.issues.iter().map(|i| i.key.as_str()).collect();
+        for expected in [
+            "auth.realm",
+            "limits.max_fills",
+            "limits.max_header_size",
+            "policy[0].deny",
+            "policy[1]",
+            "policy[2]",
+            "upstream[0].require_auth",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn private_hosts() {
+        for private in [
+            "http://127.0.0.1:5000",
+            "http://10.0.0.1",
+            "http://[::1]:5000",
+            "http://169.254.169.254",
+            "http://localhost:5000",
+            "http://registry.internal",
+            "http://registry",
+        ] {
+            assert!(is_private_host(&Url::parse(private).unwrap()), "{private}");
+        }
+        for public in [
+            "https://registry-1.docker.io",
+            "https://8.8.8.8",
+            "https://ghcr.io",
+        ] {
+            assert!(!is_private_host(&Url::parse(public).unwrap()), "{public}");
+        }
+        assert!(is_private_ip("::ffff:192.168.1.1".parse().unwrap()));
+        assert!(is_private_ip("100.64.0.1".parse().unwrap()));
+        assert!(is_private_ip("fd00::1".parse().unwrap()));
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("wharf-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

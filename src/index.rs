@@ -15,6 +15,9 @@ const BLOBS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("blobs");
 const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
 /// `upstream/repo:tag` → JSON [`TagRecord`]
 const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
+/// `upstream/repo@digest` → unix milliseconds when wharf learned that the
+/// repository references the digest (see `cache::links`).
+const LINKS: TableDefinition<&str, u64> = TableDefinition::new("links");
 /// counter name → value: the last serving process's hit/miss counts.
 const STATS: TableDefinition<&str, u64> = TableDefinition::new("stats");
 
@@ -95,6 +98,7 @@ impl Index {
         tx.open_table(MANIFESTS).map_err(db_err)?;
         tx.open_table(TAGS).map_err(db_err)?;
         tx.open_table(STATS).map_err(db_err)?;
+        tx.open_table(LINKS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Index { db })
     }
@@ -161,6 +165,24 @@ impl Index {
         let table = tx.open_table(MANIFESTS).map_err(db_err)?;
         let value = table.get(digest.to_string().as_str()).map_err(db_err)?;
         Ok(value.map(|v| v.value().to_owned()))
+    }
+
+    /// Records links (`upstream/repo@digest` keys), in one transaction.
+    pub fn put_links(&self, keys: &[String]) -> Result<(), IndexError> {
+        let now = unix_ms(SystemTime::now());
+        self.write(|tx| {
+            let mut table = tx.open_table(LINKS)?;
+            for key in keys {
+                table.insert(key.as_str(), now)?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn has_link(&self, key: &str) -> Result<bool, IndexError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(LINKS).map_err(db_err)?;
+        Ok(table.get(key).map_err(db_err)?.is_some())
     }
 
     pub fn put_tag(&self, key: &str, record: &TagRecord) -> Result<(), IndexError> {

@@ -3,6 +3,7 @@
 //! [`start`] wires the pieces together: configuration, the cache on disk,
 //! one client per upstream, the API, and the HTTP server.
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod cache;
@@ -41,6 +42,8 @@ pub enum StartError {
     },
     #[error("TLS: {0}")]
     Tls(#[from] server::tls::TlsError),
+    #[error("auth.htpasswd: {0}")]
+    Htpasswd(String),
 }
 
 /// A running server; dropping it without [`RunningServer::shutdown`]
@@ -64,6 +67,11 @@ impl RunningServer {
     /// certificate, new handshakes get the new one.
     pub fn tls(&self) -> Option<Arc<server::tls::TlsFiles>> {
         self.tls.clone()
+    }
+
+    /// Client authentication and policy, to re-read the htpasswd file on SIGHUP.
+    pub fn access(&self) -> Arc<access::Access> {
+        self.api.access().clone()
     }
 
     /// Where `/metrics`, `/healthz` and `/readyz` answer.
@@ -129,8 +137,9 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     };
     let metrics = Arc::new(metrics::Metrics::default());
     let cache_metrics = metrics.clone();
+    let max_fills = config.limits.max_fills;
     let cache = tokio::task::spawn_blocking(move || {
-        cache::Cache::open(&dir, cache_config, limits, cache_metrics)
+        cache::Cache::open(&dir, cache_config, limits, max_fills, cache_metrics)
     })
     .await
     .expect("cache open does not panic")
@@ -150,6 +159,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let access = Arc::new(access::Access::new(&config).map_err(StartError::Htpasswd)?);
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(cert), Some(key)) => Some(Arc::new(server::tls::TlsFiles::load(cert, key)?)),
         _ => None,
@@ -172,13 +182,28 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         "cache opened"
     );
     tokio::spawn(flush_periodically(Arc::downgrade(&cache)));
-    let api = Arc::new(api::Api::new(config, upstreams, cache, metrics));
+    let limits = &config.limits;
+    let refused_metrics = metrics.clone();
+    let api_limits = server::Limits {
+        max_connections: limits.max_connections,
+        header_timeout: limits.header_timeout,
+        max_head_size: limits.max_header_size + limits.max_url_length + 256,
+        on_refused: Arc::new(move || refused_metrics.reject("connection_limit")),
+    };
+    let admin_limits = server::Limits {
+        max_connections: 64,
+        max_head_size: 8192,
+        on_refused: Arc::new(|| ()),
+        ..api_limits.clone()
+    };
+    let api = Arc::new(api::Api::new(config, upstreams, cache, access, metrics));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let service_api = api.clone();
     let task = tokio::spawn(server::serve(
         "api",
         listener,
         tls.clone(),
+        api_limits,
         move |req| service_api.clone().handle(req),
         async {
             let _ = stopped.await;
@@ -191,6 +216,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         "admin",
         admin_listener,
         None,
+        admin_limits,
         move |req| api::ops::handle(admin_api.clone(), req),
         async {
             let _ = admin_stopped.await;

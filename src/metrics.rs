@@ -43,6 +43,14 @@ pub struct UpstreamErrorLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectedLabels {
+    /// Which guard refused: `unauthenticated`, `bad_credentials`,
+    /// `login_backoff`, `policy`, `client_limit`, `fill_limit`,
+    /// `connection_limit`, `header_size`, `url_length`.
+    pub reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -61,6 +69,7 @@ pub struct Metrics {
     pub cache_blobs: Gauge,
     pub evictions: Counter,
     pub evicted_bytes: Counter,
+    pub rejected: Family<RejectedLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -86,6 +95,7 @@ impl Default for Metrics {
             cache_blobs: Gauge::default(),
             evictions: Counter::default(),
             evicted_bytes: Counter::default(),
+            rejected: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -154,6 +164,11 @@ impl Default for Metrics {
             "Bytes evicted by the byte budget",
             m.evicted_bytes.clone(),
         );
+        registry.register(
+            "rejected",
+            "Requests and connections refused by a guard (auth, policy, limits), by reason",
+            m.rejected.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -165,6 +180,12 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected
+            .get_or_create(&RejectedLabels { reason })
+            .inc();
     }
 
     pub fn upstream(&self, upstream: &str) -> UpstreamLabels {

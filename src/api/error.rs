@@ -5,6 +5,7 @@
 
 use super::route::RouteError;
 use super::Body;
+use crate::access::AccessError;
 use crate::cache::CacheError;
 use crate::upstream::UpstreamError;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -29,6 +30,12 @@ pub enum ApiError {
     },
     #[error("requested range not satisfiable (blob is {len} bytes)")]
     RangeNotSatisfiable { len: u64 },
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error("request headers are larger than {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    #[error("request URL is longer than {limit} bytes")]
+    UrlTooLong { limit: usize },
 }
 
 impl ApiError {
@@ -43,6 +50,22 @@ impl ApiError {
                 upstream: upstream.to_owned(),
                 error,
             },
+        }
+    }
+
+    /// The `wharf_rejected_total` reason, when a guard refused the request.
+    pub fn rejection(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Access(e) => Some(e.reason()),
+            ApiError::HeadersTooLarge { .. } => Some("header_size"),
+            ApiError::UrlTooLong { .. } => Some("url_length"),
+            ApiError::Cache {
+                source: CacheError::TooManyFills { .. },
+                ..
+            } => Some("fill_limit"),
+            ApiError::Route(_) | ApiError::Cache { .. } | ApiError::RangeNotSatisfiable { .. } => {
+                None
+            }
         }
     }
 
@@ -66,6 +89,28 @@ impl ApiError {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "UNSUPPORTED", None)
             }
             ApiError::Cache { subject, source } => classify_cache(*subject, source),
+            ApiError::Access(e) => match e {
+                AccessError::Unauthenticated { .. } | AccessError::BadCredentials { .. } => {
+                    (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", None)
+                }
+                AccessError::LoginBackoff { retry_after } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TOOMANYREQUESTS",
+                    Some(retry_after.to_string()),
+                ),
+                AccessError::Denied(_) => (StatusCode::FORBIDDEN, "DENIED", None),
+                AccessError::ClientBusy { .. } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TOOMANYREQUESTS",
+                    Some("1".into()),
+                ),
+            },
+            ApiError::HeadersTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "UNSUPPORTED",
+                None,
+            ),
+            ApiError::UrlTooLong { .. } => (StatusCode::URI_TOO_LONG, "UNSUPPORTED", None),
         }
     }
 
@@ -81,8 +126,19 @@ impl ApiError {
         if status == StatusCode::METHOD_NOT_ALLOWED {
             resp = resp.header(header::ALLOW, "GET, HEAD");
         }
-        if let ApiError::RangeNotSatisfiable { len } = self {
-            resp = resp.header(header::CONTENT_RANGE, format!("bytes */{len}"));
+        match &self {
+            ApiError::RangeNotSatisfiable { len } => {
+                resp = resp.header(header::CONTENT_RANGE, format!("bytes */{len}"));
+            }
+            ApiError::Access(
+                AccessError::Unauthenticated { realm } | AccessError::BadCredentials { realm },
+            ) => {
+                resp = resp.header(
+                    header::WWW_AUTHENTICATE,
+                    format!("Basic realm=\"{realm}\", charset=\"UTF-8\""),
+                );
+            }
+            _ => {}
         }
         if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
             resp = resp.header(header::RETRY_AFTER, v);
@@ -115,10 +171,16 @@ fn classify_cache(subject: Subject, e: &CacheError) -> (StatusCode, &'static str
             | UpstreamError::Body(_)
             | UpstreamError::Protocol(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE", None),
             UpstreamError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", None),
+            UpstreamError::Refused(_) => (StatusCode::BAD_GATEWAY, "DENIED", None),
         },
         CacheError::DigestMismatch { .. } => (StatusCode::BAD_GATEWAY, "UNAVAILABLE", None),
         CacheError::FillFailed(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE", None),
         CacheError::StorageUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", None),
+        CacheError::TooManyFills { .. } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOOMANYREQUESTS",
+            Some("1".into()),
+        ),
         CacheError::Shared(inner) => classify_cache(subject, inner),
         CacheError::Storage(_) | CacheError::Index(_) => {
             (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", None)

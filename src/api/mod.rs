@@ -6,9 +6,10 @@
 
 pub mod error;
 pub mod ops;
-mod range;
+pub mod range;
 pub mod route;
 
+use crate::access::{Access, ClientSlot};
 use crate::cache::{BlobSource, Cache, CacheError, Freshness};
 use crate::config::Config;
 use crate::digest::Digest;
@@ -22,6 +23,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use range::{parse_range, RangeAnswer};
 use route::{Endpoint, Reference, Route};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,6 +45,7 @@ pub struct Api {
     config: Config,
     upstreams: Vec<Arc<Upstream>>,
     cache: Arc<Cache>,
+    access: Arc<Access>,
     metrics: Arc<Metrics>,
 }
 
@@ -100,14 +103,20 @@ impl Api {
         config: Config,
         upstreams: Vec<Arc<Upstream>>,
         cache: Arc<Cache>,
+        access: Arc<Access>,
         metrics: Arc<Metrics>,
     ) -> Api {
         Api {
             config,
             upstreams,
             cache,
+            access,
             metrics,
         }
+    }
+
+    pub fn access(&self) -> &Arc<Access> {
+        &self.access
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -124,21 +133,35 @@ impl Api {
         let started = Instant::now();
         let (parts, _body) = req.into_parts();
         let request_id = request_id(&parts.headers);
-        let route = route::parse(&parts.method, parts.uri.path(), parts.uri.query());
+        let peer = parts
+            .extensions
+            .get::<crate::server::PeerAddr>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
+        let route = self.check_size(&parts).and_then(|()| {
+            route::parse(&parts.method, parts.uri.path(), parts.uri.query())
+                .map_err(ApiError::Route)
+        });
         let (endpoint, name, reference) = match &route {
             Ok(route) => route.endpoint.describe(),
             Err(_) => ("invalid", "-".into(), "-".into()),
         };
         let mut upstream_name = None;
-        let answer = match route {
-            Ok(route) => self.answer(route, &parts.headers, &mut upstream_name).await,
-            Err(e) => Err(ApiError::Route(e)),
+        let answer = match (self.access.admit(peer), route) {
+            (Err(busy), _) => Err(ApiError::Access(busy)),
+            (Ok(_), Err(e)) => Err(e),
+            (Ok(slot), Ok(route)) => self
+                .answer(route, &parts.headers, peer, &mut upstream_name)
+                .await
+                .map(|(resp, outcome)| (holding(resp, slot), outcome)),
         };
         let (mut resp, outcome, error) = match answer {
             Ok((resp, outcome)) => (resp, outcome, None),
             Err(e) => {
                 if e.is_internal() {
                     tracing::error!(request_id, method = %parts.method, uri = %parts.uri, error = %e, "internal error");
+                }
+                if let Some(reason) = e.rejection() {
+                    self.metrics.reject(reason);
                 }
                 let message = e.to_string();
                 (e.into_response(), Outcome::Error, Some(message))
@@ -163,6 +186,7 @@ impl Api {
         }
         tracing::info!(
             request_id,
+            %peer,
             method = %parts.method,
             name,
             reference,
@@ -230,33 +254,74 @@ impl Api {
         }
     }
 
+    /// Refuses request targets and headers beyond the configured limits,
+    /// before anything parses them.
+    fn check_size(&self, parts: &http::request::Parts) -> Result<(), ApiError> {
+        let limits = &self.config.limits;
+        let target_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+        if target_len > limits.max_url_length {
+            return Err(ApiError::UrlTooLong {
+                limit: limits.max_url_length,
+            });
+        }
+        let header_bytes: usize = parts
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        if header_bytes > limits.max_header_size {
+            return Err(ApiError::HeadersTooLarge {
+                limit: limits.max_header_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a request for this upstream (or, for the version check,
+    /// the one `?ns=` names or else the default) needs a logged-in client.
+    /// Clients such as skopeo and Docker only send credentials after a
+    /// challenge on the version check, so it follows the default upstream.
+    fn requires_auth(&self, ns: Option<&str>) -> bool {
+        let named = ns.and_then(|ns| self.upstreams.iter().find(|u| u.name() == ns));
+        match named {
+            Some(upstream) => upstream.config.require_auth,
+            None => self.config.default_upstream().require_auth,
+        }
+    }
+
+    /// Authenticates, applies the policy, then answers.
     /// `upstream_name` is set once the request's upstream is known, for logs.
     async fn answer(
         &self,
         route: Route,
         headers: &HeaderMap,
+        peer: IpAddr,
         upstream_name: &mut Option<String>,
     ) -> Result<(Response<Body>, Outcome), ApiError> {
         let ns = route.ns.as_deref();
+        let target = match route.endpoint.name() {
+            Some(name) => Some(self.upstream_for(ns, name, upstream_name)?),
+            None => None,
+        };
+        let required = match &target {
+            Some((upstream, _)) => upstream.config.require_auth,
+            None => self.requires_auth(ns),
+        };
+        self.access.authenticate(headers, peer, required).await?;
+        let Some((upstream, repo)) = target else {
+            return Ok(version_check());
+        };
+        self.access.check_policy(upstream.name(), &repo)?;
         match route.endpoint {
-            Endpoint::Base => Ok((
-                Response::builder()
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(full("{}"))
-                    .expect("static response"),
-                Outcome::Pass,
-            )),
-            Endpoint::Manifest { name, reference } => {
-                let (upstream, repo) = self.upstream_for(ns, &name, upstream_name)?;
+            Endpoint::Base => Ok(version_check()),
+            Endpoint::Manifest { reference, .. } => {
                 self.manifest(upstream, &repo, &reference, headers).await
             }
-            Endpoint::Blob { name, digest } => {
-                let (upstream, repo) = self.upstream_for(ns, &name, upstream_name)?;
+            Endpoint::Blob { digest, .. } => {
                 self.blob(upstream, &repo, &digest, route.head, headers)
                     .await
             }
             Endpoint::TagsList { name, n, last } => {
-                let (upstream, repo) = self.upstream_for(ns, &name, upstream_name)?;
                 let tags = upstream
                     .list_tags(&repo)
                     .await
@@ -264,11 +329,10 @@ impl Api {
                 Ok((tag_page(&name, ns, tags, n, last.as_deref()), Outcome::Pass))
             }
             Endpoint::Referrers {
-                name,
                 digest,
                 artifact_type,
+                ..
             } => {
-                let (upstream, repo) = self.upstream_for(ns, &name, upstream_name)?;
                 let (bytes, media_type) = upstream
                     .get_referrers(&repo, &digest, artifact_type.as_deref())
                     .await
@@ -418,6 +482,26 @@ impl Api {
         };
         Ok((resp.expect("valid headers"), outcome))
     }
+}
+
+/// `GET /v2/`: the API is here.
+fn version_check() -> (Response<Body>, Outcome) {
+    let resp = Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full("{}"))
+        .expect("static response");
+    (resp, Outcome::Pass)
+}
+
+/// Keeps the client's request slot until the response body is done.
+fn holding(resp: Response<Body>, slot: ClientSlot) -> Response<Body> {
+    resp.map(|body| {
+        body.map_frame(move |frame| {
+            let _held = &slot;
+            frame
+        })
+        .boxed_unsync()
+    })
 }
 
 /// Relays a blob from upstream without the store, for when the disk

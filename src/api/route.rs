@@ -48,6 +48,17 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// The repository the endpoint is about; none for the version check.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Endpoint::Base => None,
+            Endpoint::Manifest { name, .. }
+            | Endpoint::Blob { name, .. }
+            | Endpoint::TagsList { name, .. }
+            | Endpoint::Referrers { name, .. } => Some(name),
+        }
+    }
+
     /// A metrics label, and the name and reference for the log line.
     pub fn describe(&self) -> (&'static str, String, String) {
         match self {

@@ -3,6 +3,7 @@
 //! that digest reads the growing file. A client hanging up never cancels a
 //! fill; only shutdown does.
 
+use super::links::link_key;
 use super::{Cache, CacheError};
 use crate::digest::Digest;
 use crate::metrics::GaugeGuard;
@@ -112,6 +113,8 @@ impl Blob {
 
 impl Cache {
     /// Opens `digest` from disk, or joins or starts its fill from `upstream`.
+    /// Content already here (on disk or arriving for another repository)
+    /// is served to `repo` only once it is known to reference it.
     /// Returns once upstream has answered, so a failure before the first
     /// byte is a proper error rather than a cut connection.
     pub async fn blob(
@@ -120,30 +123,49 @@ impl Cache {
         repo: &str,
         digest: &Digest,
     ) -> Result<Blob, CacheError> {
-        if let Some(blob) = self.committed_blob(digest)? {
-            return Ok(blob);
-        }
-        if let Some(reason) = self.storage_trouble() {
-            return Err(CacheError::StorageUnavailable(reason));
-        }
-        let negative_key = format!("{}/{repo}@{digest}", upstream.name());
-        if self.negative.contains_key(&negative_key) {
-            return Err(CacheError::upstream(upstream, UpstreamError::NotFound));
-        }
-        let pin = self.budget.pin(digest);
-        let fill = {
-            let mut fills = self.fills.lock().expect("fills lock");
-            match fills.get(digest) {
-                Some(fill) => fill.clone(),
-                None => {
-                    // A fill may have committed between the check above and this lock.
-                    if let Some(blob) = self.committed_blob(digest)? {
-                        return Ok(blob);
-                    }
-                    let fill = self.start_fill(upstream, repo, digest)?;
-                    fills.insert(digest.clone(), fill.clone());
-                    fill
+        let negative_key = link_key(upstream.name(), repo, digest);
+        let mut authorized = self.is_linked(&negative_key)?;
+        let (fill, pin) = loop {
+            if let Some(blob) = self.committed_blob(digest)? {
+                if !authorized {
+                    self.authorize(upstream, repo, digest, Kind::Blob).await?;
                 }
+                return Ok(blob);
+            }
+            if let Some(reason) = self.storage_trouble() {
+                return Err(CacheError::StorageUnavailable(reason));
+            }
+            if self.negative.contains_key(&negative_key) {
+                return Err(CacheError::upstream(upstream, UpstreamError::NotFound));
+            }
+            let pin = self.budget.pin(digest);
+            let fill = {
+                let mut fills = self.fills.lock().expect("fills lock");
+                match fills.get(digest) {
+                    Some(fill) if authorized => Some(fill.clone()),
+                    // Arriving for another repository: authorize first.
+                    Some(_) => None,
+                    // Committed since the check above: go round again.
+                    None if self.store.contains(Kind::Blob, digest) => None,
+                    None if fills.len() >= self.max_fills => {
+                        return Err(CacheError::TooManyFills {
+                            limit: self.max_fills,
+                        })
+                    }
+                    None => {
+                        let fill = self.start_fill(upstream, repo, digest)?;
+                        fills.insert(digest.clone(), fill.clone());
+                        Some(fill)
+                    }
+                }
+            };
+            match fill {
+                Some(fill) => break (fill, pin),
+                None if !authorized => {
+                    self.authorize(upstream, repo, digest, Kind::Blob).await?;
+                    authorized = true;
+                }
+                None => {}
             }
         };
         let mut rx = fill.progress.clone();
@@ -185,14 +207,24 @@ impl Cache {
         }
     }
 
-    /// The length of `digest` without fetching it: from disk, from a fill
-    /// in flight, or from an upstream HEAD.
+    /// The length of `digest` without fetching it: from disk or from a
+    /// fill in flight if `repo` is known to reference it, else from an
+    /// upstream HEAD.
     pub async fn blob_len(
         &self,
         upstream: &Upstream,
         repo: &str,
         digest: &Digest,
     ) -> Result<Option<u64>, CacheError> {
+        let link = link_key(upstream.name(), repo, digest);
+        if !self.is_linked(&link)? {
+            let len = upstream
+                .head_blob(repo, digest)
+                .await
+                .map_err(|e| CacheError::upstream(upstream, e))?;
+            self.add_links(vec![link]);
+            return Ok(len);
+        }
         if let Some((_, len)) = self.store.open_file(Kind::Blob, digest)? {
             return Ok(Some(len));
         }
@@ -318,6 +350,7 @@ impl Cache {
             .get_blob(repo, digest, None)
             .await
             .map_err(upstream_err)?;
+        self.add_links(vec![link_key(upstream.name(), repo, digest)]);
         let total = resp.content_length();
         tx.send_replace(Progress::Writing { written: 0, total });
         let mut body = resp.bytes_stream();

@@ -6,6 +6,7 @@
 //! Knows nothing of HTTP requests or responses.
 
 mod fill;
+mod links;
 
 pub use fill::{Blob, BlobSource};
 
@@ -47,6 +48,8 @@ pub enum CacheError {
     /// The disk cannot take new blobs right now (full, read-only…).
     #[error("cache storage unavailable: {0}")]
     StorageUnavailable(String),
+    #[error("{limit} blob fills from upstream are already running; retry shortly")]
+    TooManyFills { limit: usize },
 }
 
 impl CacheError {
@@ -109,6 +112,10 @@ pub struct Cache {
     /// Recent upstream 404s (`upstream/repo@reference`), so a storm of
     /// pulls of something missing asks upstream once.
     negative: moka::sync::Cache<String, ()>,
+    /// Known `upstream/repo@digest` links (see [`links`]).
+    links: moka::sync::Cache<String, ()>,
+    /// Fills allowed at once.
+    max_fills: usize,
     /// When and why the disk last refused a write; misses bypass the
     /// store for [`STORAGE_BACKOFF`] after it.
     storage_trouble: Mutex<Option<(std::time::Instant, String)>>,
@@ -138,6 +145,7 @@ impl Cache {
         dir: &std::path::Path,
         config: CacheConfig,
         limits: Limits,
+        max_fills: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Cache, CacheError> {
         // The index lock comes first: a second process on this dir must fail
@@ -171,6 +179,8 @@ impl Cache {
                 .max_capacity(100_000)
                 .time_to_live(config.negative_ttl)
                 .build(),
+            links: moka::sync::Cache::new(links::LINKS_IN_MEMORY),
+            max_fills,
             config,
             budget,
             metrics,
@@ -309,6 +319,8 @@ impl Cache {
     ) -> Result<(Arc<Manifest>, Freshness), CacheError> {
         if let Reference::Digest(digest) = reference {
             if let Some(m) = self.local_manifest(digest)? {
+                self.authorize(upstream, repo, digest, Kind::Manifest)
+                    .await?;
                 return Ok((m, Freshness::Hit));
             }
         }
@@ -323,7 +335,7 @@ impl Cache {
                     .await
                 {
                     Ok(fetched) => self
-                        .keep_manifest(upstream, fetched, Some(digest))
+                        .keep_manifest(upstream, repo, fetched, Some(digest))
                         .map(|m| (m, Freshness::Fetched)),
                     Err(e) => Err(CacheError::upstream(upstream, e)),
                 }
@@ -411,7 +423,7 @@ impl Cache {
             Ok(fetched) => fetched,
             Err(e) => return stale_or(e),
         };
-        let manifest = self.keep_manifest(upstream, fetched, None)?;
+        let manifest = self.keep_manifest(upstream, repo, fetched, None)?;
         self.confirm_tag(key, &manifest)?;
         if accepts(accept, &manifest.media_type) {
             return Ok((manifest, Freshness::Fetched));
@@ -423,7 +435,7 @@ impl Cache {
             .await
             .map_err(|e| CacheError::upstream(upstream, e))?;
         Ok((
-            self.keep_manifest(upstream, fetched, None)?,
+            self.keep_manifest(upstream, repo, fetched, None)?,
             Freshness::Fetched,
         ))
     }
@@ -518,10 +530,11 @@ impl Cache {
     }
 
     /// Verifies a fetched manifest against the digest asked for (or the one
-    /// upstream claimed) and stores it.
+    /// upstream claimed), stores it, and links `repo` to what it references.
     fn keep_manifest(
         &self,
         upstream: &Upstream,
+        repo: &str,
         fetched: FetchedManifest,
         expected: Option<&Digest>,
     ) -> Result<Arc<Manifest>, CacheError> {
@@ -549,6 +562,7 @@ impl Cache {
             bytes: fetched.bytes,
         });
         self.manifests.insert(digest, manifest.clone());
+        self.link_manifest(upstream, repo, &manifest);
         Ok(manifest)
     }
 }

@@ -1,8 +1,10 @@
 //! One client per upstream registry: builds v2 URLs, answers token and Basic
 //! challenges, follows redirects without carrying `Authorization` to another
-//! host, enforces timeouts, and classifies failures. It never touches disk.
+//! host (and only to addresses [`reach`] allows), enforces timeouts, and
+//! classifies failures. It never touches disk.
 
 pub mod auth;
+pub mod reach;
 
 use crate::config::UpstreamConfig;
 use crate::digest::Digest;
@@ -52,6 +54,10 @@ pub enum UpstreamError {
     /// now would only wait out the same timeouts.
     #[error("upstream unavailable ({0}); retrying in a few seconds")]
     Unavailable(String),
+    /// Upstream pointed wharf somewhere it may not go (a private address,
+    /// a token realm not bound to it).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl UpstreamError {
@@ -67,6 +73,7 @@ impl UpstreamError {
             UpstreamError::Body(_) => "body",
             UpstreamError::Protocol(_) => "protocol",
             UpstreamError::Unavailable(_) => "unavailable",
+            UpstreamError::Refused(_) => "refused",
         }
     }
 
@@ -80,9 +87,10 @@ impl UpstreamError {
             | UpstreamError::Body(_)
             | UpstreamError::Unavailable(_) => true,
             UpstreamError::Status(code) => *code >= 500,
-            UpstreamError::NotFound | UpstreamError::Denied(_) | UpstreamError::Protocol(_) => {
-                false
-            }
+            UpstreamError::NotFound
+            | UpstreamError::Denied(_)
+            | UpstreamError::Protocol(_)
+            | UpstreamError::Refused(_) => false,
         }
     }
 }
@@ -123,7 +131,10 @@ impl Upstream {
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
             // reqwest strips Authorization when a redirect changes host or port.
-            .redirect(reqwest::redirect::Policy::limited(10));
+            .redirect(reach::redirect_policy(&config));
+        if let Some(resolver) = reach::resolver(&config) {
+            builder = builder.dns_resolver(resolver);
+        }
         if config.insecure_skip_verify {
             builder = builder.danger_accept_invalid_certs(true);
         }
@@ -424,6 +435,9 @@ impl Upstream {
                     return Err(error);
                 }
                 Ok(Err(e)) => {
+                    if let Some(refused) = reach::refusal(&e) {
+                        return Err(UpstreamError::Refused(refused.to_string()));
+                    }
                     let unreachable = e.is_connect();
                     let error = UpstreamError::Connect(error_chain(e));
                     if unreachable {
@@ -441,7 +455,7 @@ impl Upstream {
                     .ok_or_else(|| {
                         UpstreamError::Denied("401 without a usable challenge".into())
                     })?;
-                self.authenticate(challenge, &scope).await?;
+                self.authenticate(challenge, &scope, resp.url()).await?;
                 continue;
             }
             return match status {
@@ -459,7 +473,14 @@ impl Upstream {
         }
     }
 
-    async fn authenticate(&self, challenge: Challenge, scope: &str) -> Result<(), UpstreamError> {
+    /// Answers `challenge`, which `challenger` sent (the upstream, or the
+    /// host a redirect led to).
+    async fn authenticate(
+        &self,
+        challenge: Challenge,
+        scope: &str,
+        challenger: &url::Url,
+    ) -> Result<(), UpstreamError> {
         let basic = self.basic_credentials();
         match challenge {
             Challenge::Basic => {
@@ -479,6 +500,15 @@ impl Upstream {
             } => {
                 let mut realm_url = url::Url::parse(&realm)
                     .map_err(|e| UpstreamError::Protocol(format!("token realm {realm:?}: {e}")))?;
+                let bound = [&self.config.url, challenger]
+                    .iter()
+                    .any(|host| auth::realm_is_trusted(host, &realm_url, &self.config.auth_realms));
+                if !bound {
+                    return Err(UpstreamError::Refused(format!(
+                        "token realm {} is not on the upstream's domain; list it in auth_realms to use it",
+                        realm_url.host_str().unwrap_or("(no host)")
+                    )));
+                }
                 {
                     let mut q = realm_url.query_pairs_mut();
                     if let Some(service) = &service {
@@ -507,10 +537,13 @@ impl Upstream {
                 {
                     Err(_) => return Err(UpstreamError::Timeout("token")),
                     Ok(Err(e)) => {
+                        if let Some(refused) = reach::refusal(&e) {
+                            return Err(UpstreamError::Refused(format!("token realm: {refused}")));
+                        }
                         return Err(UpstreamError::Connect(format!(
                             "token realm: {}",
                             error_chain(e)
-                        )))
+                        )));
                     }
                     Ok(Ok(resp)) => resp,
                 };
