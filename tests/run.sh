@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker-registry containerd docker.io skopeo openssl ca-certificates python3-yaml procps util-linux)
+packages=(docker-registry containerd docker.io skopeo openssl apache2-utils ca-certificates python3-yaml procps util-linux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -162,7 +162,7 @@ async fn repeated_failed_logins_back_off_per_address() {
 async fn a_denied_repository_gets_403_naming_the_rule_and_nothing_is_fetched() {
     let fake = FakeUpstream::start_default().await;
     let shared = pseudo_random_bytes(4, 4000);
-    let allowed = fake.add_image("library/alpine", Some("3"), &[shared.clone()]);
+    let allowed = fake.add_image("library/alpine", Some("3"), std::slice::from_ref(&shared));
     fake.add_image("team/test-tools", Some("v1"), &[shared]);
     let dir = tempfile::tempdir().unwrap();
     let policy = "[[policy]]\nname = \"no-test-images\"\ndeny = [\"docker.io/*/test-*\"]\n\

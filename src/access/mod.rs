@@ -57,7 +57,7 @@ impl AccessError {
 
 /// What a request's `Authorization` header offers.
 #[derive(Debug, PartialEq, Eq)]
-enum Credentials {
+pub enum Credentials {
     /// No header, another scheme, or Basic with an empty user name (what
     /// containers/image sends when it has no credentials).
     Anonymous,
@@ -68,7 +68,8 @@ enum Credentials {
     Malformed,
 }
 
-fn credentials(headers: &HeaderMap) -> Credentials {
+/// Reads the client's `Authorization` header; untrusted input.
+pub fn credentials(headers: &HeaderMap) -> Credentials {
     let Some(value) = headers.get(AUTHORIZATION) else {
         return Credentials::Anonymous;
     };
@@ -203,8 +204,9 @@ impl Access {
             return Ok(Some(user));
         }
         if let Some(wait) = self.backoff(peer) {
+            // Rounded up: a client that honours Retry-After must not come back early.
             return Err(AccessError::LoginBackoff {
-                retry_after: wait.as_secs().max(1),
+                retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
             });
         }
         let checked_user = user.clone();

@@ -50,6 +50,12 @@ impl Fixture {
 
     /// `start`, with wharf's config built from `opts`.
     pub fn start_with(test: &str, opts: &WharfOpts) -> Fixture {
+        Fixture::start_ready(test, opts, 200)
+    }
+
+    /// `start_with`, wharf being ready once `GET /v2/` answers
+    /// `ready_status` (401 when its default upstream requires client auth).
+    pub fn start_ready(test: &str, opts: &WharfOpts, ready_status: u16) -> Fixture {
         let started = std::time::Instant::now();
         util::require_root();
         // Fail fast with the setup hint if anything is missing.
@@ -77,10 +83,11 @@ impl Fixture {
             );
             None
         } else {
-            Some(Wharf::start_with(
+            Some(Wharf::start_ready(
                 &path.join("wharf"),
                 &upstream.authed.url(),
                 opts,
+                ready_status,
             ))
         };
         eprintln!(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 pub const SETUP_HINT: &str =
     "the real-program e2e suite needs Debian's packages: run `.ci/run` or \
-     `apt-get update && apt-get install -y docker-registry containerd docker.io skopeo openssl`, \
+     `apt-get update && apt-get install -y docker-registry containerd docker.io skopeo openssl apache2-utils`, \
      and run the tests as root";
 
 /// PATH handed to every child: dockerd needs to find containerd, runc and
@@ -306,4 +306,20 @@ pub fn unmount_under(dir: &Path) {
             .args(["-l", &t])
             .status();
     }
+}
+
+/// `find_program` for a program outside the packages `SETUP_HINT` lists:
+/// a missing one panics naming the Debian package that provides it.
+pub fn find_program_from(name: &str, package: &str) -> PathBuf {
+    for dir in std::env::split_paths(&child_path()) {
+        let candidate = dir.join(name);
+        if is_executable(&candidate) {
+            return candidate;
+        }
+    }
+    panic!(
+        "required program `{name}` was not found in PATH or the sbin directories: \
+         install Debian's `{package}` package (`apt-get install -y {package}`, \
+         which tests/run.sh does); {SETUP_HINT}"
+    );
 }

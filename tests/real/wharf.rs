@@ -153,6 +153,17 @@ impl Wharf {
     /// Starting again on the same `dir` reuses the data dir (a restart);
     /// the log files are overwritten.
     pub fn start_with(dir: &Path, upstream_url: &str, opts: &WharfOpts) -> Wharf {
+        Wharf::start_ready(dir, upstream_url, opts, 200)
+    }
+
+    /// `start_with`, ready once `GET /v2/` answers `ready_status` (401 when
+    /// the default upstream has `require_auth = true`).
+    pub fn start_ready(
+        dir: &Path,
+        upstream_url: &str,
+        opts: &WharfOpts,
+        ready_status: u16,
+    ) -> Wharf {
         std::fs::create_dir_all(dir).expect("wharf dir");
         let data_dir = dir.join("data");
         let config = dir.join("wharf.toml");
@@ -278,18 +289,18 @@ default = true
         };
         let addr = w.addr.clone();
         match w.tls_ca.clone() {
-            None => w
-                .proc
-                .wait_ready("GET /v2/ -> 200", Duration::from_secs(10), || {
-                    super::util::http_status(&addr, "/v2/") == Some(200)
-                }),
+            None => w.proc.wait_ready(
+                &format!("GET /v2/ -> {ready_status}"),
+                Duration::from_secs(10),
+                || super::util::http_status(&addr, "/v2/") == Some(ready_status),
+            ),
             Some(ca) => {
                 let status = https_prober(&ca);
                 let url = format!("https://{addr}/v2/");
                 w.proc.wait_ready(
-                    "GET /v2/ over TLS (trusting the test CA) -> 200",
+                    &format!("GET /v2/ over TLS (trusting the test CA) -> {ready_status}"),
                     Duration::from_secs(10),
-                    || status(&url) == Some(200),
+                    || status(&url) == Some(ready_status),
                 )
             }
         }
