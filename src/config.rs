@@ -83,6 +83,23 @@ pub struct StorageConfig {
     pub high_watermark: f64,
     /// ...and stops at or below this one.
     pub low_watermark: f64,
+    /// A bucket the fleet shares; the local dir then caches in front of it.
+    pub s3: Option<S3Config>,
+}
+
+/// `[storage] backend = "s3"`: blobs shared by every replica in a bucket.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix inside the bucket, empty or ending in `/`.
+    pub prefix: String,
+    /// An S3-compatible endpoint (MinIO, Ceph, moto…); AWS when unset.
+    pub endpoint: Option<Url>,
+    pub region: String,
+    /// One replica fetches a cold blob for the whole fleet; the others
+    /// wait for it to appear in the bucket, up to `lease_ttl`.
+    pub lease: bool,
+    pub lease_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +158,18 @@ impl UpstreamConfig {
     /// Docker Hub stores official images under `library/`; clients may omit it.
     pub fn adds_library_prefix(&self) -> bool {
         self.name == "docker.io"
+    }
+
+    /// Whether requests to this upstream carry `?ns=NAME`, as containerd's
+    /// do to a mirror: when the URL is not the registry's own host, the
+    /// upstream may be another mirror (a regional wharf) that serves many
+    /// registries and needs to know which one is meant. Registries ignore
+    /// query parameters they do not know.
+    pub fn passes_ns(&self) -> bool {
+        let host = self.url.host_str().unwrap_or("");
+        let own_host =
+            host == self.name || (self.name == "docker.io" && host == "registry-1.docker.io");
+        !own_host
     }
 }
 
@@ -270,8 +299,21 @@ impl Config {
         r.unknown_keys(
             storage,
             "storage.",
-            &["dir", "max_size", "high_watermark", "low_watermark"],
+            &[
+                "dir",
+                "max_size",
+                "high_watermark",
+                "low_watermark",
+                "backend",
+                "bucket",
+                "prefix",
+                "endpoint",
+                "region",
+                "lease",
+                "lease_ttl",
+            ],
         );
+        let s3 = r.s3(storage);
         let dir = overrides
             .data_dir
             .clone()
@@ -353,6 +395,7 @@ impl Config {
                 max_size,
                 high_watermark,
                 low_watermark,
+                s3,
             },
             cache: CacheConfig {
                 tag_ttl,
@@ -626,6 +669,71 @@ impl Reader {
                 None
             }
         }
+    }
+
+    /// The bucket settings of `[storage]`, when `backend = "s3"`.
+    fn s3(&mut self, storage: &Table) -> Option<S3Config> {
+        let backend = self
+            .string(storage, "storage.backend")
+            .unwrap_or_else(|| "disk".into());
+        let s3_keys = [
+            "bucket",
+            "prefix",
+            "endpoint",
+            "region",
+            "lease",
+            "lease_ttl",
+        ];
+        match backend.as_str() {
+            "disk" => {
+                for key in s3_keys.iter().filter(|k| storage.contains_key(**k)) {
+                    self.issue(&format!("storage.{key}"), "only used with backend = \"s3\"");
+                }
+                return None;
+            }
+            "s3" => {}
+            other => {
+                self.issue(
+                    "storage.backend",
+                    format!("{other:?}: expected \"disk\" or \"s3\""),
+                );
+                return None;
+            }
+        }
+        let bucket = self.string(storage, "storage.bucket");
+        if bucket.as_deref().is_none_or(str::is_empty) {
+            self.issue("storage.bucket", "required with backend = \"s3\"");
+        }
+        let mut prefix = self.string(storage, "storage.prefix").unwrap_or_default();
+        if !prefix.is_empty() && !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        if prefix.split('/').any(|part| part == "..") || prefix.starts_with('/') {
+            self.issue(
+                "storage.prefix",
+                "must be a relative key prefix such as \"wharf/\"",
+            );
+        }
+        let endpoint = self
+            .string(storage, "storage.endpoint")
+            .and_then(|text| self.url("storage.endpoint", &text));
+        let region = self
+            .string(storage, "storage.region")
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            .unwrap_or_else(|| "us-east-1".into());
+        let lease = self.bool(storage, "storage.lease").unwrap_or(false);
+        let lease_ttl = self
+            .duration(storage, "storage.lease_ttl")
+            .unwrap_or(Duration::from_secs(120));
+        Some(S3Config {
+            bucket: bucket?,
+            prefix,
+            endpoint,
+            region,
+            lease,
+            lease_ttl,
+        })
     }
 
     fn auth(&mut self, root: &Table) -> AuthConfig {
@@ -1213,6 +1321,18 @@ mod tests {
         assert!(is_private_ip("::ffff:192.168.1.1".parse().unwrap()));
         assert!(is_private_ip("100.64.0.1".parse().unwrap()));
         assert!(is_private_ip("fd00::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn ns_goes_to_mirrors_not_to_registries_themselves() {
+        let c = Config::defaults();
+        assert!(c.upstreams.iter().all(|u| !u.passes_ns()));
+        let regional = UpstreamConfig::new(
+            "ghcr.io",
+            Url::parse("http://wharf.region:5000").unwrap(),
+            false,
+        );
+        assert!(regional.passes_ns());
     }
 
     fn tempfile_dir() -> PathBuf {

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod digest;
+pub mod fleet;
 pub mod index;
 pub mod manifest;
 pub mod metrics;
@@ -44,6 +45,8 @@ pub enum StartError {
     Tls(#[from] server::tls::TlsError),
     #[error("auth.htpasswd: {0}")]
     Htpasswd(String),
+    #[error("storage bucket: {0}")]
+    Bucket(String),
 }
 
 /// A running server; dropping it without [`RunningServer::shutdown`]
@@ -138,8 +141,16 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let metrics = Arc::new(metrics::Metrics::default());
     let cache_metrics = metrics.clone();
     let max_fills = config.limits.max_fills;
+    let fleet = match &config.storage.s3 {
+        Some(s3) => {
+            let fleet = fleet::Fleet::new(s3).map_err(StartError::Bucket)?;
+            tracing::info!(bucket = %s3.bucket, prefix = %s3.prefix, lease = s3.lease, "sharing blobs with the fleet through a bucket");
+            Some(Arc::new(fleet))
+        }
+        None => None,
+    };
     let cache = tokio::task::spawn_blocking(move || {
-        cache::Cache::open(&dir, cache_config, limits, max_fills, cache_metrics)
+        cache::Cache::open(&dir, cache_config, limits, max_fills, fleet, cache_metrics)
     })
     .await
     .expect("cache open does not panic")

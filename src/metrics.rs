@@ -51,6 +51,18 @@ pub struct RejectedLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `upstream` or `bucket` (the fleet's shared bucket).
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -70,6 +82,8 @@ pub struct Metrics {
     pub evictions: Counter,
     pub evicted_bytes: Counter,
     pub rejected: Family<RejectedLabels, Counter>,
+    pub fills: Family<SourceLabels, Counter>,
+    pub bucket_uploads: Family<ResultLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -96,6 +110,8 @@ impl Default for Metrics {
             evictions: Counter::default(),
             evicted_bytes: Counter::default(),
             rejected: Family::default(),
+            fills: Family::default(),
+            bucket_uploads: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -169,6 +185,16 @@ impl Default for Metrics {
             "Requests and connections refused by a guard (auth, policy, limits), by reason",
             m.rejected.clone(),
         );
+        registry.register(
+            "fills",
+            "Blob fills started, by where the bytes came from (upstream, or the fleet's bucket)",
+            m.fills.clone(),
+        );
+        registry.register(
+            "bucket_uploads",
+            "Blobs uploaded to the fleet's shared bucket, by result",
+            m.bucket_uploads.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -180,6 +206,16 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    pub fn fill(&self, source: &'static str) {
+        self.fills.get_or_create(&SourceLabels { source }).inc();
+    }
+
+    pub fn bucket_upload(&self, result: &'static str) {
+        self.bucket_uploads
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn reject(&self, reason: &'static str) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs wharf's whole test suite: unit tests, in-process integration tests
 # against a fake upstream, and end-to-end tests with the real programs
-# (distribution registry, containerd/ctr, dockerd, skopeo).
+# (distribution registry, containerd/ctr, dockerd, skopeo, a moto S3 server).
 # Installs the Debian packages it needs first (as root, or through sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}"
+fi
+
+# moto: a real S3-compatible server for the fleet tests (tests/fleet.rs).
+if ! command -v moto_server >/dev/null; then
+  echo "installing: moto[server] (PyPI)"
+  python3 -m pip install -q 'moto[server]'
+  hash -r
 fi
 
 cargo test --release "$@"

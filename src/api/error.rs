@@ -174,7 +174,9 @@ fn classify_cache(subject: Subject, e: &CacheError) -> (StatusCode, &'static str
             UpstreamError::Refused(_) => (StatusCode::BAD_GATEWAY, "DENIED", None),
         },
         CacheError::DigestMismatch { .. } => (StatusCode::BAD_GATEWAY, "UNAVAILABLE", None),
-        CacheError::FillFailed(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE", None),
+        CacheError::FillFailed(_) | CacheError::Bucket(_) => {
+            (StatusCode::BAD_GATEWAY, "UNAVAILABLE", None)
+        }
         CacheError::StorageUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", None),
         CacheError::TooManyFills { .. } => (
             StatusCode::TOO_MANY_REQUESTS,

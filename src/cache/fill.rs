@@ -4,6 +4,7 @@
 //! fill; only shutdown does.
 
 use super::links::link_key;
+use super::shared::{Origin, Source};
 use super::{Cache, CacheError};
 use crate::digest::Digest;
 use crate::metrics::GaugeGuard;
@@ -302,7 +303,18 @@ impl Cache {
     ) {
         let started = std::time::Instant::now();
         let _in_flight = GaugeGuard::new(&self.metrics.fills_in_flight);
-        let outcome = self.fetch_into(&upstream, &repo, &digest, temp, &tx).await;
+        let (outcome, origin, lease) = match self.open_source(&upstream, &repo, &digest).await {
+            Ok(mut source) => {
+                let lease = source.lease.take();
+                let origin = source.origin;
+                let outcome = self.fetch_into(&upstream, &digest, temp, &tx, source).await;
+                (outcome, Some(origin), lease)
+            }
+            Err(e) => (Err(e), None, None),
+        };
+        if let Some(origin) = origin {
+            self.metrics.fill(origin.as_str());
+        }
         match outcome {
             Ok(Filled::Kept(len)) => {
                 self.budget.add(&digest, len);
@@ -312,12 +324,19 @@ impl Cache {
                 }
                 tracing::info!(
                     upstream = upstream.name(), repo, %digest, bytes = len,
+                    source = origin.map_or("-", Origin::as_str),
                     ms = started.elapsed().as_millis() as u64, "blob fill committed"
                 );
+                if origin == Some(Origin::Upstream) {
+                    self.share(digest.clone(), lease);
+                } else {
+                    self.release_lease(lease);
+                }
                 let cache = self.clone();
                 let _ = tokio::task::spawn_blocking(move || cache.enforce_budget()).await;
             }
             Ok(Filled::Passed(len)) => {
+                self.release_lease(lease);
                 tracing::warn!(
                     upstream = upstream.name(), repo, %digest, bytes = len,
                     max_size = self.budget.limits().max_size,
@@ -325,6 +344,7 @@ impl Cache {
                 );
             }
             Err(e) => {
+                self.release_lease(lease);
                 if let CacheError::Storage(io) = &e {
                     self.note_storage_trouble(io);
                 }
@@ -340,29 +360,28 @@ impl Cache {
     async fn fetch_into(
         &self,
         upstream: &Upstream,
-        repo: &str,
         digest: &Digest,
         temp: TempBlob,
         tx: &watch::Sender<Progress>,
+        source: Source,
     ) -> Result<Filled, CacheError> {
         let upstream_err = |e| CacheError::upstream(upstream, e);
-        let resp = upstream
-            .get_blob(repo, digest, None)
-            .await
-            .map_err(upstream_err)?;
-        self.add_links(vec![link_key(upstream.name(), repo, digest)]);
-        let total = resp.content_length();
+        let total = source.total;
         tx.send_replace(Progress::Writing { written: 0, total });
-        let mut body = resp.bytes_stream();
+        let mut body = source.body;
         // One write is in flight while the next batch arrives, so the fill
         // runs at the pace of the slower of network and disk, not their sum.
         let mut writer = Some(temp);
         let mut in_flight: Option<WriteTask> = None;
-        while let Some(batch) = next_batch(&mut body, upstream)
-            .await
-            .map_err(upstream_err)?
+        let stalled = || match source.origin {
+            Origin::Upstream => upstream_err(UpstreamError::Timeout("body data")),
+            Origin::Bucket => CacheError::Bucket("no data within read_timeout".into()),
+        };
+        while let Some(batch) = next_batch(&mut body, upstream.config.read_timeout, stalled).await?
         {
-            upstream.count_fetched(batch.iter().map(Bytes::len).sum());
+            if source.origin == Origin::Upstream {
+                upstream.count_fetched(batch.iter().map(Bytes::len).sum());
+            }
             if let Some(task) = in_flight.take() {
                 writer = Some(self.finish_write(task, total, tx, upstream).await?);
             }
@@ -440,26 +459,24 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| CacheError::Storage(io::Error::other(e)))
 }
 
-/// The next chunks from upstream: waits (up to `read_timeout`) for one,
-/// then takes whatever else is already there, up to [`WRITE_BATCH`] bytes.
+/// The next chunks of a fill: waits (up to `read_timeout`) for one, then
+/// takes whatever else is already there, up to [`WRITE_BATCH`] bytes.
 async fn next_batch(
-    body: &mut (impl Stream<Item = reqwest::Result<Bytes>> + Unpin),
-    upstream: &Upstream,
-) -> Result<Option<Vec<Bytes>>, UpstreamError> {
-    let first = match tokio::time::timeout(upstream.config.read_timeout, body.next()).await {
-        Err(_) => return Err(UpstreamError::Timeout("body data")),
+    body: &mut (impl Stream<Item = Result<Bytes, CacheError>> + Unpin),
+    read_timeout: std::time::Duration,
+    stalled: impl Fn() -> CacheError,
+) -> Result<Option<Vec<Bytes>>, CacheError> {
+    let first = match tokio::time::timeout(read_timeout, body.next()).await {
+        Err(_) => return Err(stalled()),
         Ok(None) => return Ok(None),
-        Ok(Some(chunk)) => {
-            chunk.map_err(|e| UpstreamError::Body(crate::upstream::error_chain(e)))?
-        }
+        Ok(Some(chunk)) => chunk?,
     };
     let mut batch_len = first.len();
     let mut batch = vec![first];
     while batch_len < WRITE_BATCH {
         match body.next().now_or_never() {
             Some(Some(chunk)) => {
-                let chunk =
-                    chunk.map_err(|e| UpstreamError::Body(crate::upstream::error_chain(e)))?;
+                let chunk = chunk?;
                 batch_len += chunk.len();
                 batch.push(chunk);
             }

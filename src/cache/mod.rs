@@ -7,6 +7,7 @@
 
 mod fill;
 mod links;
+mod shared;
 
 pub use fill::{Blob, BlobSource};
 
@@ -50,6 +51,9 @@ pub enum CacheError {
     StorageUnavailable(String),
     #[error("{limit} blob fills from upstream are already running; retry shortly")]
     TooManyFills { limit: usize },
+    /// Reading a blob from the fleet's shared bucket failed.
+    #[error("shared bucket: {0}")]
+    Bucket(String),
 }
 
 impl CacheError {
@@ -116,6 +120,8 @@ pub struct Cache {
     links: moka::sync::Cache<String, ()>,
     /// Fills allowed at once.
     max_fills: usize,
+    /// The bucket replicas share, when configured.
+    fleet: Option<Arc<crate::fleet::Fleet>>,
     /// When and why the disk last refused a write; misses bypass the
     /// store for [`STORAGE_BACKOFF`] after it.
     storage_trouble: Mutex<Option<(std::time::Instant, String)>>,
@@ -146,6 +152,7 @@ impl Cache {
         config: CacheConfig,
         limits: Limits,
         max_fills: usize,
+        fleet: Option<Arc<crate::fleet::Fleet>>,
         metrics: Arc<Metrics>,
     ) -> Result<Cache, CacheError> {
         // The index lock comes first: a second process on this dir must fail
@@ -181,6 +188,7 @@ impl Cache {
                 .build(),
             links: moka::sync::Cache::new(links::LINKS_IN_MEMORY),
             max_fills,
+            fleet,
             config,
             budget,
             metrics,

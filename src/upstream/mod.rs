@@ -158,11 +158,14 @@ impl Upstream {
         &self.config.name
     }
 
+    /// The URL of a v2 endpoint. `?ns=` names the registry when the
+    /// upstream may be another mirror (see [`UpstreamConfig::passes_ns`]).
     fn url(&self, repo: &str, tail: &str) -> String {
-        format!(
-            "{}/v2/{repo}/{tail}",
-            self.config.url.as_str().trim_end_matches('/')
-        )
+        let base = self.config.url.as_str().trim_end_matches('/');
+        match self.config.passes_ns() {
+            true => format!("{base}/v2/{repo}/{tail}?ns={}", self.config.name),
+            false => format!("{base}/v2/{repo}/{tail}"),
+        }
     }
 
     pub async fn get_manifest(
@@ -278,7 +281,8 @@ impl Upstream {
     ) -> Result<(Bytes, String), UpstreamError> {
         let mut url = self.url(repo, &format!("referrers/{digest}"));
         if let Some(t) = artifact_type {
-            url.push_str("?artifactType=");
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str("artifactType=");
             url.extend(url::form_urlencoded::byte_serialize(t.as_bytes()));
         }
         let resp = self
