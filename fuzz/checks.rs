@@ -262,3 +262,21 @@ pub fn digest(data: &[u8]) {
         }
     }
 }
+
+/// The client's `Authorization` header (src/access): Basic credentials
+/// come back exactly as encoded; anything else is anonymous or malformed.
+pub fn authorization(data: &[u8]) {
+    use base64::Engine as _;
+    use wharf::access::{credentials, Credentials};
+    let Ok(value) = http::HeaderValue::from_bytes(data) else {
+        return;
+    };
+    let mut headers = http::HeaderMap::new();
+    headers.insert(http::header::AUTHORIZATION, value);
+    if let Credentials::Basic { user, password } = credentials(&headers) {
+        assert!(!user.is_empty() && !user.contains(':'), "{user:?}");
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let text = String::from_utf8_lossy(data);
+        assert!(text.contains(&encoded), "{text:?} decoded to {user:?}");
+    }
+}

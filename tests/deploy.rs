@@ -44,6 +44,7 @@ fn kubernetes_manifests_are_complete() {
         "daemonset.yaml",
         "deployment.yaml",
         "hosts-toml.yaml",
+        "fleet.yaml",
     ] {
         for doc in yaml_documents(&root().join("docker/k8s").join(file)) {
             let kind = str_at(&doc, "/kind").to_string();
@@ -91,6 +92,14 @@ fn kubernetes_manifests_are_complete() {
                     ),
                     "/metrics"
                 );
+            }
+            if file == "fleet.yaml" && kind == "ConfigMap" {
+                let config = wharf::config::Config::from_toml_str(str_at(&doc, "/data/wharf.toml"))
+                    .unwrap_or_else(|e| panic!("fleet ConfigMap wharf.toml: {e}"));
+                let s3 = config.storage.s3.expect("the fleet shares a bucket");
+                assert!(s3.lease, "one upstream fetch per fleet");
+                assert_eq!(config.storage.dir, Path::new("/var/lib/wharf"));
+                assert!(config.server.admin_listen.ip().is_unspecified());
             }
             if file == "configmap.yaml" {
                 let config = wharf::config::Config::from_toml_str(str_at(&doc, "/data/wharf.toml"))

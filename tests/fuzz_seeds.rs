@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 /// A fuzz target's check: panics when an invariant breaks.
 type Check = fn(&[u8]);
 
-const TARGETS: [(&str, Check); 5] = [
+const TARGETS: [(&str, Check); 6] = [
     ("route", checks::route),
     ("www_authenticate", checks::www_authenticate),
     ("range", checks::range),
     ("manifest", checks::manifest),
     ("digest", checks::digest),
+    ("authorization", checks::authorization),
 ];
 
 fn corpus_dir() -> PathBuf {
@@ -67,6 +68,11 @@ fn manifest_seeds() {
 #[test]
 fn digest_seeds() {
     replay("digest");
+}
+
+#[test]
+fn authorization_seeds() {
+    replay("authorization");
 }
 
 /// A corpus directory without a replaying test would go unchecked.
