@@ -275,7 +275,8 @@ pub fn authorization(data: &[u8]) {
     headers.insert(http::header::AUTHORIZATION, value);
     if let Credentials::Basic { user, password } = credentials(&headers) {
         assert!(!user.is_empty() && !user.contains(':'), "{user:?}");
-        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         let text = String::from_utf8_lossy(data);
         assert!(text.contains(&encoded), "{text:?} decoded to {user:?}");
     }

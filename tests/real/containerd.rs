@@ -122,6 +122,27 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         hosts
     }
 
+    /// Write `DIR/<registry>/hosts.toml` sending pulls of `registry` (e.g.
+    /// `quay.io`) to `mirror` (`http://127.0.0.1:PORT`), with `server` as
+    /// containerd's fallback; returns DIR (`certs.d`, shared with
+    /// `write_hosts`, so one DIR serves several registries).
+    pub fn write_hosts_for(&self, registry: &str, server: &str, mirror: &str) -> PathBuf {
+        let hosts = self.dir.join("certs.d");
+        std::fs::create_dir_all(hosts.join(registry)).expect("hosts dir");
+        std::fs::write(
+            hosts.join(registry).join("hosts.toml"),
+            format!(
+                r#"server = "{server}"
+
+[host."{mirror}"]
+  capabilities = ["pull", "resolve"]
+"#
+            ),
+        )
+        .expect("write hosts.toml");
+        hosts
+    }
+
     /// `ctr images pull --hosts-dir DIR REF` (unpacks for this platform).
     pub fn pull(
         &mut self,

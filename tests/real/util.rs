@@ -323,3 +323,13 @@ pub fn find_program_from(name: &str, package: &str) -> PathBuf {
          which tests/run.sh does); {SETUP_HINT}"
     );
 }
+
+/// `http://127.0.0.1:PORT` where nothing listens (the port was free a
+/// moment ago): a containerd fallback `server` that refuses connections,
+/// so a client cannot go around the mirror under test.
+pub fn refusing_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("local addr").port();
+    drop(l);
+    format!("http://127.0.0.1:{port}")
+}

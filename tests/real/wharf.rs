@@ -326,6 +326,20 @@ default = true
         std::fs::read_to_string(&self.proc.stderr_log).unwrap_or_default()
     }
 
+    /// How far the log has grown: a mark for `requests_since`.
+    pub fn log_mark(&self) -> usize {
+        std::fs::metadata(&self.proc.stderr_log)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0)
+    }
+
+    /// The `request` lines logged after `mark` (from `log_mark`).
+    pub fn requests_since(&self, mark: usize) -> Vec<RequestLine> {
+        let bytes = std::fs::read(&self.proc.stderr_log).unwrap_or_default();
+        let tail = bytes.get(mark..).unwrap_or_default();
+        parse_request_lines(&String::from_utf8_lossy(tail))
+    }
+
     /// SIGTERM (then SIGKILL after the grace period) and wait for exit.
     pub fn stop(&mut self) {
         self.proc.stop();
@@ -353,4 +367,118 @@ fn https_prober(ca: &Path) -> impl Fn(&str) -> Option<u16> {
             .ok()
             .map(|r| r.status().as_u16())
     }
+}
+
+/// One line wharf logs per request (`INFO wharf::api: request request_id=…
+/// method=GET name="library/x" reference="1" upstream="docker.io"
+/// status=200 … outcome="hit" …`), split into its fields.
+#[derive(Clone, Debug)]
+pub struct RequestLine {
+    pub fields: std::collections::BTreeMap<String, String>,
+    pub line: String,
+}
+
+impl RequestLine {
+    /// A field's value without quotes, "" when absent.
+    pub fn get(&self, key: &str) -> &str {
+        self.fields.get(key).map(String::as_str).unwrap_or("")
+    }
+    pub fn method(&self) -> &str {
+        self.get("method")
+    }
+    pub fn name(&self) -> &str {
+        self.get("name")
+    }
+    pub fn reference(&self) -> &str {
+        self.get("reference")
+    }
+    pub fn upstream(&self) -> &str {
+        self.get("upstream")
+    }
+    pub fn status(&self) -> u16 {
+        self.get("status").parse().unwrap_or(0)
+    }
+    /// hit, miss, fill, revalidated, stale, pass or error.
+    pub fn outcome(&self) -> &str {
+        self.get("outcome")
+    }
+}
+
+/// `key=value` and `key="quoted value"` pairs of one text log line.
+fn log_fields(line: &str) -> std::collections::BTreeMap<String, String> {
+    let mut fields = std::collections::BTreeMap::new();
+    let b = line.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        // A key starts the line or follows a space.
+        if i > 0 && b[i - 1] != b' ' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+            i += 1;
+        }
+        if i == start || i >= b.len() || b[i] != b'=' {
+            i = start + 1;
+            continue;
+        }
+        let key = &line[start..i];
+        i += 1;
+        let mut value = Vec::new();
+        if i < b.len() && b[i] == b'"' {
+            i += 1;
+            while i < b.len() && b[i] != b'"' {
+                if b[i] == b'\\' && i + 1 < b.len() {
+                    i += 1;
+                }
+                value.push(b[i]);
+                i += 1;
+            }
+            i += 1;
+        } else {
+            while i < b.len() && b[i] != b' ' {
+                value.push(b[i]);
+                i += 1;
+            }
+        }
+        fields.insert(
+            key.to_string(),
+            String::from_utf8_lossy(&value).into_owned(),
+        );
+    }
+    fields
+}
+
+/// The `request` lines of a stretch of wharf's text log.
+pub fn parse_request_lines(text: &str) -> Vec<RequestLine> {
+    text.lines()
+        .filter(|l| l.contains(": request "))
+        .map(|l| RequestLine {
+            fields: log_fields(l),
+            line: l.to_string(),
+        })
+        .filter(|r| r.fields.contains_key("status") && r.fields.contains_key("outcome"))
+        .collect()
+}
+
+#[test]
+fn parses_request_log_lines() {
+    let text = "2026-01-01T00:00:00.000001Z  INFO wharf::api: request request_id=\"ab12\" peer=127.0.0.1:4242 method=HEAD name=\"library/e2e-multi\" reference=\"1\" upstream=\"quay.io\" status=200 bytes=\"512\" ms=3 outcome=\"hit\" error=\"\"\n\
+                2026-01-01T00:00:00.000002Z  INFO wharf: wharf listening\n";
+    let lines = parse_request_lines(text);
+    assert_eq!(lines.len(), 1);
+    let r = &lines[0];
+    assert_eq!(
+        (
+            r.method(),
+            r.name(),
+            r.reference(),
+            r.upstream(),
+            r.status(),
+            r.outcome()
+        ),
+        ("HEAD", "library/e2e-multi", "1", "quay.io", 200, "hit")
+    );
+    assert_eq!(r.get("error"), "");
 }
