@@ -442,3 +442,40 @@ async fn realm_on_second_host_and_slow_headers() {
     assert!(t0.elapsed() >= Duration::from_millis(600));
     assert_eq!(&r.bytes()[..], b"abc");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn understated_length_puts_the_whole_body_on_the_wire() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeUpstream::start_default().await;
+    let data = pseudo_random_bytes(4, 200_000);
+    let d = fake.add_blob("f/x", data.clone());
+    fake.fault_times(&d, Fault::UnderstatedLength { by: 1000 }, 1);
+
+    let mut s = tokio::net::TcpStream::connect(fake.addr()).await.unwrap();
+    let req = format!("GET /v2/f/x/blobs/{d} HTTP/1.1\r\nHost: x\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut wire = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut wire))
+        .await
+        .expect("the fake closes after the tail")
+        .unwrap();
+    let split = wire.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&wire[..split]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-length: 199000"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(
+        &wire[split + 4..],
+        &data[..],
+        "every byte follows the head, the last 1000 beyond Content-Length"
+    );
+
+    // A client that honours Content-Length sees a short, wrong body.
+    fake.fault_times(&d, Fault::UnderstatedLength { by: 1000 }, 1);
+    let url = format!("{}/v2/f/x/blobs/{d}", fake.url());
+    let r = get(&client(), &url).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.bytes(), data[..199_000]);
+    // One-shot: then the whole blob again.
+    assert_eq!(get(&client(), &url).await.bytes(), data);
+}

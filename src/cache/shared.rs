@@ -58,9 +58,14 @@ impl Cache {
             if let Some(source) = self.bucket_source(fleet, upstream, repo, digest).await? {
                 return Ok(source);
             }
-            if fleet.leases() {
+            // Wait while another replica holds the lease (it renews it while
+            // its fetch runs); take it over once it lapses.
+            while fleet.leases() {
                 match fleet.lease(digest).await {
-                    Ok(Lease::Held(held)) => lease = Some(held),
+                    Ok(Lease::Held(held)) => {
+                        lease = Some(held);
+                        break;
+                    }
                     Ok(Lease::Elsewhere { until }) => {
                         if let Some(source) = self
                             .wait_for_bucket(fleet, upstream, repo, digest, until)
@@ -68,10 +73,10 @@ impl Cache {
                         {
                             return Ok(source);
                         }
-                        tracing::warn!(%digest, "the replica holding the fetch lease did not deliver in time; fetching from upstream");
                     }
                     Err(e) => {
-                        tracing::warn!(%digest, error = %e, "fetch lease unavailable; fetching from upstream")
+                        tracing::warn!(%digest, error = %e, "fetch lease unavailable; fetching from upstream");
+                        break;
                     }
                 }
             }

@@ -15,6 +15,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -40,6 +41,9 @@ pub struct Limits {
     pub on_refused: Arc<dyn Fn() + Send + Sync>,
 }
 
+/// How often an idle HTTP/2 connection is pinged.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+
 /// hyper's smallest allowed read buffer.
 const MIN_HEAD_BUFFER: usize = 8192;
 
@@ -57,7 +61,7 @@ pub async fn serve<S, F, B>(
 ) where
     S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: hyper::body::Body + Send + 'static,
+    B: hyper::body::Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -71,7 +75,13 @@ pub async fn serve<S, F, B>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_head_size).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_head_size).unwrap_or(u32::MAX))
+        // Drops HTTP/2 peers that stop answering pings.
+        .keep_alive_interval(Some(H2_KEEPALIVE))
+        .keep_alive_timeout(limits.header_timeout);
+    // On shutdown, connections with no request in flight are dropped at
+    // once, and the rest when the grace period ends.
+    let (phase_tx, phase) = tokio::sync::watch::channel(Phase::Serving);
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut last_refusal_log: Option<std::time::Instant> = None;
     tokio::pin!(shutdown);
@@ -100,48 +110,204 @@ pub async fn serve<S, F, B>(
         };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
+        let activity = Arc::new(Activity::default());
+        let counter = activity.clone();
         let svc = service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(PeerAddr(peer));
+            let guard = InFlight::new(&counter);
             let fut = service(req);
-            async move { Ok::<_, Infallible>(fut.await) }
+            async move {
+                let resp = fut.await;
+                Ok::<_, Infallible>(resp.map(|inner| Tracked {
+                    inner,
+                    _guard: guard,
+                }))
+            }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let acceptor = tls.as_ref().map(|tls| tls.acceptor());
-        let handshake_timeout = limits.header_timeout.min(HANDSHAKE_TIMEOUT);
+        let header_timeout = limits.header_timeout;
+        let handshake_timeout = header_timeout.min(HANDSHAKE_TIMEOUT);
+        let mut phase = phase.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let result = match acceptor {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
-                    let stream = match handshake.await {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
+            let served = async {
+                match acceptor {
+                    None => {
+                        // hyper's header timeout starts only once it knows the
+                        // protocol; a silent peer must not hold a slot until then.
+                        if !first_bytes_arrive(&stream, header_timeout).await {
+                            tracing::debug!(%peer, "no request within header_timeout; closing");
+                            return Ok(());
                         }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
+                        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(acceptor) => {
+                        let handshake =
+                            tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                        let stream = match handshake.await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return Ok(());
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return Ok(());
+                            }
+                        };
+                        // ALPN already chose the protocol: no sniffing, so
+                        // HTTP/1's header timeout runs from the start.
+                        let builder = match stream.get_ref().1.alpn_protocol() {
+                            Some(b"h2") => builder.http2_only(),
+                            _ => builder.http1_only(),
+                        };
+                        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                        watcher.watch(conn.into_owned()).await
+                    }
                 }
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            tokio::select! {
+                result = served => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                () = idle_at_shutdown(&mut phase, &activity) => {}
+                () = activity.idle_for(header_timeout) => {
+                    tracing::debug!(%peer, "no request for header_timeout; closing");
+                }
             }
         });
     }
     drop(listener);
+    let _ = phase_tx.send(Phase::Draining);
     tokio::select! {
         () = graceful.shutdown() => tracing::info!(listener = name, "all connections drained"),
-        () = tokio::time::sleep(grace) => tracing::warn!(listener = name, grace_s = grace.as_secs(), "shutdown grace period over; closing remaining connections"),
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(listener = name, grace_s = grace.as_secs(), "shutdown grace period over; closing remaining connections");
+            let _ = phase_tx.send(Phase::Closing);
+        }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Shutting down: finish what is in flight.
+    Draining,
+    /// The grace period is over.
+    Closing,
+}
+
+/// Resolves when shutdown begins while the connection has no request in
+/// flight (a silent peer, half a request head, an idle HTTP/2 session), or
+/// when the grace period is over. A connection busy at shutdown is left to
+/// hyper's graceful close, so the end of its response is never cut.
+async fn idle_at_shutdown(phase: &mut tokio::sync::watch::Receiver<Phase>, activity: &Activity) {
+    if phase.wait_for(|p| *p != Phase::Serving).await.is_err() {
+        return std::future::pending().await;
+    }
+    if activity.in_flight.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let _ = phase.wait_for(|p| *p == Phase::Closing).await;
+}
+
+/// A connection's requests in flight, and when the last one ended.
+struct Activity {
+    in_flight: AtomicUsize,
+    last_ended: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last_ended: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    /// Resolves once the connection has had no request in flight for
+    /// `limit`: an HTTP/2 session (or anything hyper keeps open) that only
+    /// holds a connection slot is closed, as an idle HTTP/1 one is.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let idle = match self.in_flight.load(Ordering::Acquire) {
+                0 => self.last_ended.lock().expect("activity lock").elapsed(),
+                _ => Duration::ZERO,
+            };
+            if idle >= limit {
+                return;
+            }
+            tokio::time::sleep((limit - idle).max(Duration::from_millis(100))).await;
+        }
+    }
+}
+
+/// Counts one request, from its head until its response body is done.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: &Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.last_ended.lock().expect("activity lock") = std::time::Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted until it is dropped.
+struct Tracked<B> {
+    inner: B,
+    _guard: InFlight,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Waits (at most `within`) until the peer has sent enough to tell HTTP/1
+/// from HTTP/2: any byte that is not the start of the HTTP/2 preface, or
+/// the whole preface. False if the peer stays silent or goes away.
+async fn first_bytes_arrive(stream: &tokio::net::TcpStream, within: Duration) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let sniff = async {
+        let mut buf = [0u8; PREFACE.len()];
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if n == PREFACE.len() || buf[..n] != PREFACE[..n] => return true,
+                // Part of the preface: peek returns at once while data is
+                // pending, so wait a little for the rest.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    };
+    tokio::time::timeout(within, sniff).await.unwrap_or(false)
 }

@@ -6,7 +6,7 @@
 //! 307 redirects of blob GETs to a second listener (a different port, so a
 //! different host as far as an HTTP client is concerned), and per-reference
 //! fault injection (connection reset mid-body, truncation, one wrong byte,
-//! stalls, error statuses, slow transfers).
+//! stalls, error statuses, slow transfers, more body than Content-Length).
 //!
 //! Blobs and manifests are stored per repository, like a real registry, so a
 //! proxy that asks for the wrong repository name gets a 404.
@@ -188,6 +188,9 @@ pub enum Fault {
     Drop,
     /// Wait this long before sending the (good) response headers.
     SlowHeaders { delay: Duration },
+    /// Declare a Content-Length `by` bytes short, yet put the whole body on
+    /// the wire (the last `by` bytes after what was declared), then close.
+    UnderstatedLength { by: usize },
 }
 
 impl Fault {
@@ -198,6 +201,7 @@ impl Fault {
                 | Fault::Truncate { .. }
                 | Fault::WrongByte { .. }
                 | Fault::Stall { .. }
+                | Fault::UnderstatedLength { .. }
         )
     }
 }
@@ -710,15 +714,25 @@ pub struct Image {
 // Connection handling
 // ---------------------------------------------------------------------------
 
-/// TcpStream that can be told to close with RST instead of FIN.
+/// What a response may ask of its connection's close.
+#[derive(Default)]
+struct ConnCtl {
+    /// Close with RST instead of FIN.
+    rst: AtomicBool,
+    /// Bytes to write after everything hyper wrote, just before FIN.
+    tail: Mutex<Option<Bytes>>,
+}
+
+/// TcpStream that can be told to close with RST instead of FIN, or to
+/// write more bytes than hyper did.
 struct RstOnDrop {
     inner: TcpStream,
-    rst: Arc<AtomicBool>,
+    conn: Arc<ConnCtl>,
 }
 
 impl Drop for RstOnDrop {
     fn drop(&mut self) {
-        if self.rst.load(Ordering::SeqCst) {
+        if self.conn.rst.load(Ordering::SeqCst) {
             // Linger 0 makes close() send RST; it does not block.
             #[allow(deprecated)]
             let _ = self.inner.set_linger(Some(Duration::ZERO));
@@ -748,7 +762,19 @@ impl AsyncWrite for RstOnDrop {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        loop {
+            let mut tail = this.conn.tail.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(t) = tail.as_mut().filter(|t| !t.is_empty()) else {
+                break;
+            };
+            match Pin::new(&mut this.inner).poll_write(cx, t) {
+                Poll::Ready(Ok(n)) if n > 0 => *t = t.slice(n..),
+                Poll::Ready(_) => *tail = None, // the peer is gone: just close
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -772,9 +798,9 @@ async fn accept_loop(
                 let shared = shared.clone();
                 let mut stop = stop.clone();
                 conns.spawn(async move {
-                    let rst = Arc::new(AtomicBool::new(false));
-                    let io = TokioIo::new(RstOnDrop { inner: stream, rst: rst.clone() });
-                    let svc = service_fn(move |req| handle(shared.clone(), host, rst.clone(), req));
+                    let ctl = Arc::new(ConnCtl::default());
+                    let io = TokioIo::new(RstOnDrop { inner: stream, conn: ctl.clone() });
+                    let svc = service_fn(move |req| handle(shared.clone(), host, ctl.clone(), req));
                     let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc);
                     tokio::select! {
                         _ = conn => {}
@@ -799,7 +825,7 @@ impl std::error::Error for Dropped {}
 async fn handle(
     shared: Arc<Shared>,
     host: Host,
-    rst: Arc<AtomicBool>,
+    conn: Arc<ConnCtl>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, BoxError> {
     let (parts, body) = req.into_parts();
@@ -825,8 +851,10 @@ async fn handle(
     let query = parts.uri.query().unwrap_or("").to_string();
     let headers = parts.headers;
     match host {
-        Host::Redirect => serve_redirect_host(&shared, &method, &path, &query, &headers, rst).await,
-        Host::Registry => serve_registry(&shared, &method, &path, &query, &headers, rst).await,
+        Host::Redirect => {
+            serve_redirect_host(&shared, &method, &path, &query, &headers, conn).await
+        }
+        Host::Registry => serve_registry(&shared, &method, &path, &query, &headers, conn).await,
     }
 }
 
@@ -836,7 +864,7 @@ async fn serve_redirect_host(
     path: &str,
     query: &str,
     headers: &HeaderMap,
-    rst: Arc<AtomicBool>,
+    conn: Arc<ConnCtl>,
 ) -> Result<Response<Body>, BoxError> {
     if path == "/token" && shared.opts.realm_on_second_host {
         let query = query.to_string();
@@ -868,7 +896,7 @@ async fn serve_redirect_host(
         HeaderValue::from_static("application/octet-stream"),
     );
     h.insert("accept-ranges", HeaderValue::from_static("bytes"));
-    serve_bytes(data, h, headers, is_get, fault, throttle, rst).await
+    serve_bytes(data, h, headers, is_get, fault, throttle, conn).await
 }
 
 async fn serve_registry(
@@ -877,7 +905,7 @@ async fn serve_registry(
     path: &str,
     query: &str,
     headers: &HeaderMap,
-    rst: Arc<AtomicBool>,
+    conn: Arc<ConnCtl>,
 ) -> Result<Response<Body>, BoxError> {
     if path == "/token" && !shared.opts.realm_on_second_host {
         return Ok(token_endpoint(shared, query, headers));
@@ -979,7 +1007,7 @@ async fn serve_registry(
                 HeaderValue::from_static("registry/2.0"),
             );
             h.insert("etag", hv(&format!("\"{digest}\"")));
-            serve_bytes(m.bytes, h, &HeaderMap::new(), is_get, fault, throttle, rst).await
+            serve_bytes(m.bytes, h, &HeaderMap::new(), is_get, fault, throttle, conn).await
         }
         Ep::Blob(digest) => {
             let data = shared
@@ -1025,7 +1053,7 @@ async fn serve_registry(
             if shared.opts.blob_digest_header {
                 h.insert("docker-content-digest", hv(digest));
             }
-            serve_bytes(data, h, headers, is_get, fault, throttle, rst).await
+            serve_bytes(data, h, headers, is_get, fault, throttle, conn).await
         }
         Ep::Tags => {
             let tags: Option<Vec<String>> = {
@@ -1270,7 +1298,7 @@ async fn serve_bytes(
     is_get: bool,
     fault: Option<Fault>,
     throttle: Option<Throttle>,
-    rst: Arc<AtomicBool>,
+    conn: Arc<ConnCtl>,
 ) -> Result<Response<Body>, BoxError> {
     match &fault {
         Some(Fault::Drop) => return Err(Box::new(Dropped)),
@@ -1297,7 +1325,7 @@ async fn serve_bytes(
         .get("range")
         .and_then(|v| v.to_str().ok())
         .map(|s| parse_range(s, total));
-    let (status, slice) = match range {
+    let (status, mut slice) = match range {
         None | Some(RangeSpec::Ignore) => (StatusCode::OK, data),
         Some(RangeSpec::Unsatisfiable) => {
             let mut r = oci_error(
@@ -1314,6 +1342,13 @@ async fn serve_bytes(
             (StatusCode::PARTIAL_CONTENT, data.slice(a..=b))
         }
     };
+    if let Some(Fault::UnderstatedLength { by }) = fault {
+        // hyper never writes past Content-Length: the rest goes out at close.
+        let declared = slice.len().saturating_sub(by);
+        *conn.tail.lock().unwrap_or_else(|p| p.into_inner()) = Some(slice.slice(declared..));
+        h.insert("connection", HeaderValue::from_static("close"));
+        slice = slice.slice(..declared);
+    }
     h.insert("content-length", hv(&slice.len().to_string()));
     let body = if !is_get {
         empty()
@@ -1322,7 +1357,7 @@ async fn serve_bytes(
             .map_err(|never: Infallible| match never {})
             .boxed()
     } else {
-        streamed_body(slice, fault, throttle, rst)
+        streamed_body(slice, fault, throttle, conn)
     };
     let mut r = Response::new(body);
     *r.status_mut() = status;
@@ -1334,7 +1369,7 @@ fn streamed_body(
     slice: Bytes,
     fault: Option<Fault>,
     throttle: Option<Throttle>,
-    rst: Arc<AtomicBool>,
+    conn: Arc<ConnCtl>,
 ) -> Body {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
     tokio::spawn(async move {
@@ -1371,7 +1406,7 @@ fn streamed_body(
             Some(Fault::Reset { .. }) => {
                 // Let what was sent reach the peer before the RST discards the send buffer.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                rst.store(true, Ordering::SeqCst);
+                conn.rst.store(true, Ordering::SeqCst);
                 let _ = tx.send(Err("injected reset".into())).await;
             }
             Some(Fault::Truncate { .. }) => {
