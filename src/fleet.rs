@@ -126,6 +126,24 @@ impl Fleet {
         Ok((len, got.into_stream().map_err(FleetError::from).boxed()))
     }
 
+    /// Streams bytes `start..end` of the blob from the bucket.
+    pub async fn read_range(
+        &self,
+        digest: &Digest,
+        start: u64,
+        end: u64,
+    ) -> Result<BoxStream<'static, Result<Bytes, FleetError>>, FleetError> {
+        let options = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(start..end)),
+            ..Default::default()
+        };
+        let got = self
+            .bucket
+            .get_opts(&self.blob_key(digest), options)
+            .await?;
+        Ok(got.into_stream().map_err(FleetError::from).boxed())
+    }
+
     /// Uploads a verified local copy under the blob's final key. The
     /// object appears only when the upload completes.
     pub async fn upload(&self, digest: &Digest, file: std::fs::File) -> Result<(), FleetError> {

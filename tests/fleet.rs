@@ -83,7 +83,7 @@ fn replica_config(dir: &std::path::Path, moto: &str, upstream: &str, lease: bool
 
 struct Replica {
     server: wharf::RunningServer,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Replica {
@@ -92,7 +92,7 @@ impl Replica {
         let text = replica_config(dir.path(), &moto.url, &upstream.url(), lease);
         let config = wharf::config::Config::from_toml_str(&text).expect("config");
         let server = wharf::start(config).await.expect("start replica");
-        Replica { server, _dir: dir }
+        Replica { server, dir }
     }
 
     fn url(&self, path: &str) -> String {
@@ -167,6 +167,43 @@ async fn a_second_replica_reads_blobs_from_the_bucket_not_upstream() {
         metrics.contains("wharf_fills_total{source=\"bucket\"} 2"),
         "{metrics}"
     );
+
+    // A range of a blob only the bucket has is read straight from it.
+    let only_in_bucket = pseudo_random_bytes(5, 2 << 20);
+    let digest = fake.add_blob("team/app", only_in_bucket.clone());
+    let warm = http::get(&c, &a.url(&format!("/v2/team/app/blobs/{digest}"))).await;
+    assert_eq!(warm.bytes().len(), only_in_bucket.len());
+    wait_in_bucket(&moto, &digest, only_in_bucket.len()).await;
+    let c_replica = Replica::start(&moto, &fake, false).await;
+    let link = http::get(&c, &c_replica.url("/v2/team/app/manifests/v1")).await;
+    assert_eq!(link.status, 200);
+    let before = fake.total_requests();
+    let part = http::get_range(
+        &c,
+        &c_replica.url(&format!("/v2/team/app/blobs/{digest}")),
+        "bytes=1000-1999",
+    )
+    .await;
+    assert_eq!(part.status, 206);
+    assert_eq!(
+        part.header("content-range").as_deref(),
+        Some(format!("bytes 1000-1999/{}", only_in_bucket.len()).as_str())
+    );
+    assert_eq!(&part.bytes()[..], &only_in_bucket[1000..2000]);
+    assert_eq!(
+        fake.blob_gets(&digest),
+        1,
+        "the range came from the bucket, not upstream"
+    );
+    assert!(
+        fake.total_requests() - before <= 1,
+        "at most one upstream HEAD"
+    );
+    assert!(
+        !harness::blob_path(c_replica.dir.path(), &digest).exists(),
+        "a range is passed through, not cached locally"
+    );
+    c_replica.server.shutdown().await;
 
     // The bucket does not bypass the cross-repository check.
     let probe = http::get(

@@ -441,6 +441,36 @@ impl Api {
             return Ok((base.body(empty()).expect("valid headers"), Outcome::Pass));
         }
         let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+        if let Some(range) = range_header {
+            let in_bucket = self
+                .cache
+                .bucket_len(upstream, repo, digest)
+                .await
+                .map_err(ApiError::cache(Subject::Blob))?;
+            if let Some(len) = in_bucket {
+                match parse_range(range, len) {
+                    RangeAnswer::Unsatisfiable => {
+                        return Err(ApiError::RangeNotSatisfiable { len })
+                    }
+                    RangeAnswer::Partial { start, end } => {
+                        let body = self
+                            .cache
+                            .bucket_range(digest, start, end + 1)
+                            .await
+                            .map_err(ApiError::cache(Subject::Blob))?;
+                        let resp = base
+                            .status(StatusCode::PARTIAL_CONTENT)
+                            .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
+                            .header(header::CONTENT_LENGTH, end - start + 1)
+                            .body(stream_body(body))
+                            .expect("valid headers");
+                        return Ok((resp, Outcome::Hit));
+                    }
+                    // The whole blob: fill the local cache from the bucket.
+                    RangeAnswer::Full => {}
+                }
+            }
+        }
         let mut blob = match self.cache.blob(upstream, repo, digest).await {
             Ok(blob) => blob,
             Err(CacheError::StorageUnavailable(reason)) => {

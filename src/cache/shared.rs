@@ -160,6 +160,48 @@ impl Cache {
         Ok(None)
     }
 
+    /// The blob's length when only the fleet's bucket has it (not on disk
+    /// here, not filling) and `repo` may have it: a byte range of it is
+    /// then read straight from the bucket, with no local copy.
+    pub async fn bucket_len(
+        &self,
+        upstream: &Upstream,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<u64>, CacheError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(None);
+        };
+        let here = self.store.contains(Kind::Blob, digest)
+            || self.fills.lock().expect("fills lock").contains_key(digest);
+        if here {
+            return Ok(None);
+        }
+        let Ok(Some(len)) = fleet.size(digest).await else {
+            return Ok(None);
+        };
+        self.authorize(upstream, repo, digest, Kind::Blob).await?;
+        Ok(Some(len))
+    }
+
+    /// Bytes `start..end` of a blob, straight from the fleet's bucket.
+    pub async fn bucket_range(
+        &self,
+        digest: &Digest,
+        start: u64,
+        end: u64,
+    ) -> Result<BoxStream<'static, std::io::Result<Bytes>>, CacheError> {
+        let fleet = self
+            .fleet
+            .as_ref()
+            .ok_or_else(|| CacheError::Bucket("no bucket configured".into()))?;
+        let stream = fleet
+            .read_range(digest, start, end)
+            .await
+            .map_err(|e| CacheError::Bucket(e.to_string()))?;
+        Ok(stream.map_err(std::io::Error::other).boxed())
+    }
+
     /// Uploads a blob fetched from upstream and committed here, then lets
     /// go of the lease. Runs after the fill, so clients never wait for it.
     pub(super) fn share(self: &Arc<Self>, digest: Digest, lease: Option<HeldLease>) {
