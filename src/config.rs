@@ -797,22 +797,30 @@ impl Reader {
         }
     }
 
-    fn policy(&mut self, root: &Table) -> Vec<PolicyRule> {
-        let entries = match root.get("policy") {
+    /// The tables of `[[key]]`, each with its key prefix (`key[i]`).
+    fn tables<'a>(&mut self, root: &'a Table, key: &str) -> Vec<(String, &'a Table)> {
+        let entries = match root.get(key) {
             None => return Vec::new(),
             Some(Value::Array(entries)) => entries,
             Some(_) => {
-                self.issue("policy", "expected [[policy]] tables");
+                self.issue(key, format!("expected [[{key}]] tables"));
                 return Vec::new();
             }
         };
-        let mut rules = Vec::new();
+        let mut tables = Vec::new();
         for (i, entry) in entries.iter().enumerate() {
-            let prefix = format!("policy[{i}]");
-            let Value::Table(t) = entry else {
-                self.issue(&prefix, "expected a table");
-                continue;
-            };
+            let prefix = format!("{key}[{i}]");
+            match entry {
+                Value::Table(t) => tables.push((prefix, t)),
+                _ => self.issue(&prefix, "expected a table"),
+            }
+        }
+        tables
+    }
+
+    fn policy(&mut self, root: &Table) -> Vec<PolicyRule> {
+        let mut rules = Vec::new();
+        for (prefix, t) in self.tables(root, "policy") {
             self.unknown_keys(t, &format!("{prefix}."), &["name", "allow", "deny"]);
             let name = self
                 .string(t, &format!("{prefix}.name"))
@@ -909,17 +917,8 @@ impl Reader {
     }
 
     fn file_upstreams(&mut self, root: &Table) -> Vec<UpstreamConfig> {
-        let Some(Value::Array(entries)) = root.get("upstream") else {
-            self.issue("upstream", "expected [[upstream]] tables");
-            return Vec::new();
-        };
         let mut out = Vec::new();
-        for (i, entry) in entries.iter().enumerate() {
-            let prefix = format!("upstream[{i}]");
-            let Value::Table(t) = entry else {
-                self.issue(&prefix, "expected a table");
-                continue;
-            };
+        for (prefix, t) in self.tables(root, "upstream") {
             self.unknown_keys(
                 t,
                 &format!("{prefix}."),

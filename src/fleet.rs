@@ -89,22 +89,18 @@ impl Fleet {
         })
     }
 
+    /// `PREFIX KIND/ALGORITHM/HEX`, built only from a validated digest.
+    fn key(&self, kind: &str, digest: &Digest) -> Key {
+        let (algorithm, hex) = (digest.algorithm().name(), digest.hex());
+        Key::from(format!("{}{kind}/{algorithm}/{hex}", self.prefix))
+    }
+
     fn blob_key(&self, digest: &Digest) -> Key {
-        Key::from(format!(
-            "{}blobs/{}/{}",
-            self.prefix,
-            digest.algorithm().name(),
-            digest.hex()
-        ))
+        self.key("blobs", digest)
     }
 
     fn lease_key(&self, digest: &Digest) -> Key {
-        Key::from(format!(
-            "{}leases/{}/{}",
-            self.prefix,
-            digest.algorithm().name(),
-            digest.hex()
-        ))
+        self.key("leases", digest)
     }
 
     /// The blob's size, if the bucket has it.
