@@ -263,25 +263,18 @@ impl Config {
                 "tls_key",
             ],
         );
-        let listen_text = overrides
-            .listen
-            .clone()
-            .or_else(|| r.string(server, "server.listen"))
-            .unwrap_or_else(|| "0.0.0.0:5000".into());
-        let listen = r.parse_with("server.listen", &listen_text, |s| {
-            s.parse::<SocketAddr>()
-                .map_err(|e| format!("{e}; expected HOST:PORT such as 0.0.0.0:5000"))
-        });
-
-        let admin_text = overrides
-            .admin_listen
-            .clone()
-            .or_else(|| r.string(server, "server.admin_listen"))
-            .unwrap_or_else(|| "127.0.0.1:9090".into());
-        let admin_listen = r.parse_with("server.admin_listen", &admin_text, |s| {
-            s.parse::<SocketAddr>()
-                .map_err(|e| format!("{e}; expected HOST:PORT such as 127.0.0.1:9090"))
-        });
+        let listen = r.address(
+            server,
+            "server.listen",
+            overrides.listen.as_deref(),
+            "0.0.0.0:5000",
+        );
+        let admin_listen = r.address(
+            server,
+            "server.admin_listen",
+            overrides.admin_listen.as_deref(),
+            "127.0.0.1:9090",
+        );
         let shutdown_grace = r
             .duration(server, "server.shutdown_grace")
             .unwrap_or(Duration::from_secs(30));
@@ -640,6 +633,26 @@ impl Reader {
                 return Err("the URL must not carry a query or fragment".into());
             }
             Ok(url)
+        })
+    }
+
+    /// A listen address: the flag, else the file, else `default`.
+    fn address(
+        &mut self,
+        table: &Table,
+        path: &str,
+        flag: Option<&str>,
+        default: &str,
+    ) -> Option<SocketAddr> {
+        let text = match flag {
+            Some(text) => text.to_owned(),
+            None => self
+                .string(table, path)
+                .unwrap_or_else(|| default.to_owned()),
+        };
+        self.parse_with(path, &text, |s| {
+            s.parse::<SocketAddr>()
+                .map_err(|e| format!("{e}; expected HOST:PORT such as {default}"))
         })
     }
 

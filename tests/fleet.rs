@@ -41,13 +41,14 @@ async fn start_moto() -> Moto {
     std::env::set_var("AWS_ACCESS_KEY_ID", "fleet-test");
     std::env::set_var("AWS_SECRET_ACCESS_KEY", "fleet-test");
     let port = free_port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+    // As a module, so no PATH or pyenv shim is needed for its script.
+    let child = Command::new("python3")
+        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| {
-            panic!("cannot start moto_server ({e}): install it with `pip install 'moto[server]'` (tests/run.sh does)")
+            panic!("cannot start `python3 -m moto.server` ({e}): install it with `python3 -m pip install 'moto[server]'` (tests/run.sh does)")
         });
     let url = format!("http://127.0.0.1:{port}");
     let moto = Moto { child, url };

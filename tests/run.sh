@@ -20,10 +20,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # moto: a real S3-compatible server for the fleet tests (tests/fleet.rs).
-if ! command -v moto_server >/dev/null; then
+if ! python3 -c 'import moto.server' 2>/dev/null; then
   echo "installing: moto[server] (PyPI)"
   python3 -m pip install -q 'moto[server]'
-  hash -r
 fi
 
 cargo test --release "$@"
